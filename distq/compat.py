@@ -1,0 +1,1 @@
+def quantize(*a, **k): raise NotImplementedError
