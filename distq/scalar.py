@@ -454,7 +454,12 @@ def _quantize_nf4(x: jax.Array, spec: NF4) -> QArray:
     return _build(spec, x, rows, codes, codebook, scale, None, 4, 16, "nf4", layout)
 
 
-_DISPATCH = {Scalar: _quantize_scalar, Uniform: _quantize_uniform, NF4: _quantize_nf4}
+# Compiled once per (shape, dtype, spec); inside a caller's jit they are simply inlined.
+_DISPATCH = {
+    Scalar: jax.jit(_quantize_scalar, static_argnums=1),
+    Uniform: jax.jit(_quantize_uniform, static_argnums=1),
+    NF4: jax.jit(_quantize_nf4, static_argnums=1),
+}
 
 
 def quantize(x: Any, spec: Spec | None = None) -> QArray:
