@@ -106,15 +106,23 @@ def _encode_int64_fused(x, t, lv, k):
 def _run(x, beta, *, dists, n, search, zero, packbits, k):
     """The whole reference pipeline for one tensor: stats, search, encode, error, pack."""
     size = x.shape[0]
-    mean = jnp.mean(x)
-    std = jnp.sqrt(jnp.sum(jnp.square(x - mean)) / max(size - 1, 1))
+    # one pass over the data: sums of values shifted by the mean of a strided sample, so the
+    # shifted sums do not cancel (and a constant input gives exactly zero variance)
+    shift = jnp.mean(x[:: max(1, size // 4096)])
+    d = x - shift
+    s1, s2 = jnp.sum(d), jnp.sum(d * d)
+    mean = shift + s1 / size
+    std = jnp.sqrt(jnp.maximum(s2 - s1 * s1 / size, 0.0) / max(size - 1, 1))
     finite = jnp.isfinite(mean) & jnp.isfinite(std)
-    std = jnp.where(std == 0, 1.0, std)  # constant input: any scale reproduces it
+    # constant input (distquant divides by zero here): scale 0 and location = the value itself,
+    # so every level, and so every decoded value, is exactly that value
+    hi = jnp.max(x)
+    const = hi == jnp.min(x)
     offs, muls = [], []
     for d in dists:
         loc, scale = _family_loc_scale(d.family, mean, std, zero)
-        offs.append(loc)
-        muls.append(jnp.asarray(scale, jnp.float32))
+        offs.append(jnp.where(const, hi, loc))
+        muls.append(jnp.where(const, 0.0, jnp.asarray(scale, jnp.float32)))
     offs, muls = jnp.stack(offs), jnp.stack(muls)
     cands = S.Candidates(dists, n, offs, muls, encode="companding")
     if search:

@@ -122,10 +122,11 @@ def test_layout_dtype_and_input_types():
 
 def test_constant_input_round_trips():
     x = np.full((7, 9), 2.5, np.float32)
-    for dist in ("gaussian", "exponential", "gumbel_cdf", "cauchy_cdf"):
-        q, info = compat.quantize(x, k=3, dist=dist, beta=1.0)
-        out = compat.dequantize(q, **info)
-        assert np.all(np.isfinite(out))
+    for dist in ("gaussian", "exponential", "gumbel_cdf", "cauchy_cdf", None):
+        for beta in (1.0, None):
+            q, info = compat.quantize(x, k=3, dist=dist, beta=beta)
+            np.testing.assert_array_equal(compat.dequantize(q, **info), x)
+            assert info["abs_error"] == 0.0
     q, info = compat.quantize(x, k=3, dist="gaussian", beta=1.0, packbits=False)
     assert q.min() >= 0 and q.max() < 8
 
