@@ -97,7 +97,7 @@ def bucketize(x: jax.Array, t: jax.Array) -> jax.Array:
         step = 1 << d
         cand = idx + step
         idx = jnp.where(x >= tp[cand - 1], cand, idx)
-    return idx
+    return jnp.minimum(idx, m)  # +inf passes the +inf padding: keep it in range
 
 
 def cell_bounds(zs: jax.Array, t: jax.Array) -> jax.Array:

@@ -179,6 +179,18 @@ def main():
     else:
         t_ref = float("nan")
     emit(f"| dist=None, 1M, k=4 (s) | {t_ours:.3f} | {t_ref:.1f} | {t_ref / t_ours:.0f}x |")
+    from distq import _numerics
+
+    xj = jax.device_put(x10)
+    for n in (16, 256):
+        t = jax.numpy.asarray(np.sort(rng.standard_normal(n - 1)).astype(np.float32))
+        ours = jax.jit(_numerics.bucketize)
+        ref = jax.jit(lambda v, t: jax.numpy.searchsorted(t, v, side="right"))
+        t_ours = best_time(lambda: ours(xj, t))
+        t_ref = best_time(lambda: ref(xj, t))
+        emit(f"| encode 10M against {n} sorted levels (G values/s; peer: jnp.searchsorted) | "
+             f"{x10.size / t_ours / 1e9:.2f} | {x10.size / t_ref / 1e9:.3f} | "
+             f"{t_ref / t_ours:.0f}x |")
     f = jax.jit(distq.quantize, static_argnums=1)
     for k in (4, 8):
         t_ours = best_time(lambda: f(x1, distq.Scalar(bits=k)))
