@@ -176,6 +176,18 @@ def lloyd_sorted(
             j = jnp.clip(j, b0, jnp.maximum(b1 - 1, b0))
             new = zs[jnp.clip(j, 0, n_pts - 1)]
         new = jnp.where((wsum > 0) & ~fixed, new, lv)
+        # an empty cell's level is dead weight: move one per step into the heaviest cell, at the
+        # quartile on the far side of that cell's level, so the next step splits the cell
+        empty = (wsum <= 0) & ~fixed
+        big = jnp.argmax(wsum)
+        lo_q = (3 * b0[big] + b1[big]) // 4
+        hi_q = (b0[big] + 3 * b1[big]) // 4
+        cand = jnp.where(zs[jnp.clip(hi_q, 0, n_pts - 1)] != new[big], hi_q, lo_q)
+        new = jnp.where(
+            empty.any() & (jnp.arange(new.shape[0]) == jnp.argmax(empty)),
+            zs[jnp.clip(cand, 0, n_pts - 1)],
+            new,
+        )
         return jnp.sort(new)
 
     def cond(state):

@@ -28,18 +28,22 @@ internally, can be called inside user ``jax.jit`` code, and can be mapped with
 Implementation notes (XLA:CPU performance):
 
 * The stream is periodic: ``P = 32 / gcd(bits, 32)`` codes fill exactly
-  ``Q = bits / gcd(bits, 32)`` words. The input is viewed as ``(G, P)`` and
-  every output word is a bitwise OR of a few input columns shifted by *static*
-  amounts (Python arithmetic at trace time). No gathers or scatters.
+  ``Q = bits / gcd(bits, 32)`` words (``P = 32 / bits``, ``Q = 1`` for
+  power-of-two widths). The input is viewed as ``(G, P)`` and every output
+  word is a bitwise OR of a few input columns shifted by *static* amounts
+  (Python arithmetic at trace time), or for 1, 2 and 16 bits a shift-and-sum
+  over the ``P`` columns. No gathers or scatters.
 * XLA:CPU does not fuse a concatenate with more than 8 operands (each operand
   would then become its own kernel re-reading the whole input). Outputs are
   therefore assembled from at most 8 lane chunks; a chunk is computed from
   ``(G, 1)`` columns broadcast against constant per-lane shift vectors, with
   ``where`` on a constant lane mask when lanes need different columns.
-* A length that is not a multiple of the block is handled as "full blocks
-  (2-D loop) + one padded tail block", joined by a single 1-D concatenate.
-  Padding/slicing the whole array instead makes XLA emit a slow 1-D loop with
-  per-element index arithmetic (about 4x slower).
+* A length that is not a whole number of blocks is handled as "complete
+  blocks (one 2-D kernel) + one padded tail block", joined by a 1-D
+  concatenate that XLA keeps out of the big kernel (see ``_blocked``).
+  Padding the input and slicing the output of a single kernel instead makes
+  XLA emit a 1-D loop with per-element index arithmetic, 2-10x slower; that
+  simpler form is only used for small inputs, where it compiles faster.
 """
 
 from __future__ import annotations
@@ -70,11 +74,19 @@ _MIN_BITS = 1
 _MAX_BITS = 16
 _WORD = 32  # bits per output word
 _MAX_CONCAT = 8  # XLA:CPU only fuses concatenates with <= 8 operands
+# Ragged inputs with at least this many complete blocks get the copy-join
+# layout of `_blocked` (faster at run time, ~10 more kernels to compile).
+_SPLIT_MIN_BLOCKS = 1024
+# Ragged inputs with fewer complete blocks use a single padded kernel.
+_SMALL_BLOCKS = 64
 
-# For power-of-two widths the codes of one word are packed with a small
-# shift-and-sum reduction, which XLA:CPU vectorises well (measured faster than
-# the OR-of-columns form for these widths; see experiments/bench_bitpack.py).
-_REDUCE_PACK_BITS = frozenset({2, 4, 8, 16})
+# Widths whose words are packed with a shift-and-sum reduction over the
+# ``32 // bits`` codes of a word instead of an OR of static column shifts.
+# Both forms are exact (the fields are disjoint); on a 2-core x86 CPU the
+# reduction measured about 2x faster for 1 and 2 bits on ragged lengths and
+# slightly faster for 16 bits, while the OR form was as fast or faster for
+# 4 and 8 bits (experiments/bench_bitpack.py; timings are noisy).
+_REDUCE_PACK_BITS = frozenset({1, 2, 16})
 
 
 # --------------------------------------------------------------------------
@@ -233,40 +245,53 @@ def _codes_u32(bits: int) -> Callable[[jax.Array], jax.Array]:
 def _blocked(
     flat: jax.Array,
     block_in: int,
+    block_out: int,
     out_len: int,
     fn: Callable[[jax.Array], jax.Array],
 ) -> jax.Array:
     """Applies a block kernel to a 1-D array of any length.
 
-    ``fn`` maps ``(R, block_in)`` to ``(R, block_out)``; the result is the
-    row-major flattening of ``fn`` over the zero-padded input, cut to
+    ``fn`` maps ``(R, block_in)`` to ``(R, block_out)``. The result is the
+    row-major flattening of ``fn`` applied to the zero-padded input, cut to
     ``out_len``.
 
-    When the input is a whole number of blocks and nothing is cut, this is a
-    single 2-D kernel. Otherwise the full blocks and the padded tail block are
-    computed separately and concatenated. For large inputs the last
-    ``_MAX_CONCAT`` full blocks are also computed one by one, so that the
-    concatenate has more than ``_MAX_CONCAT`` operands: XLA:CPU then keeps
-    the big 2-D kernel separate and joins the pieces with a plain copy, which
-    is several times faster than the slice/concatenate fused into the kernel
-    (that turns it into a 1-D loop with per-element index arithmetic).
+    If every block is complete (nothing padded, nothing cut), this is a
+    single 2-D kernel; small ragged inputs (fewer than ``_SMALL_BLOCKS``
+    complete blocks) are padded and use a single kernel too. Otherwise the
+    complete blocks and the padded/cut tail
+    block are computed separately and concatenated. For large inputs (at
+    least ``_SPLIT_MIN_BLOCKS`` complete blocks) the last ``_MAX_CONCAT``
+    complete blocks are also computed one by one so that the concatenate has
+    more than ``_MAX_CONCAT`` operands: XLA:CPU then keeps the big 2-D kernel
+    on its own and joins the pieces with a plain copy, which is several times
+    faster than letting the slice/concatenate fuse into the kernel (that
+    turns it into a 1-D loop with per-element index arithmetic).
     """
     n = flat.shape[0]
-    full, rem = divmod(n, block_in)
+    full = min(n // block_in, out_len // block_out)  # complete blocks
+    tail_out = out_len - full * block_out
+    tail_in = n - full * block_in
+    assert tail_in <= block_in and tail_out <= block_out
+    if not tail_out and not tail_in:
+        return fn(flat.reshape(full, block_in)).reshape(-1)
+    if full < _SMALL_BLOCKS:
+        # Small input: one padded kernel (half the code to compile); the
+        # slower fused slice does not matter at this size.
+        rows = full + (1 if tail_out else 0)
+        x = flat[: rows * block_in]
+        x = jnp.pad(x, (0, rows * block_in - x.shape[0]))
+        return fn(x.reshape(rows, block_in)).reshape(-1)[:out_len]
     parts = []
     if full:
-        head = full - _MAX_CONCAT if full > 4 * _MAX_CONCAT and rem else full
+        head = full - _MAX_CONCAT if full >= _SPLIT_MIN_BLOCKS else full
         parts.append(fn(flat[: head * block_in].reshape(head, block_in)))
         for j in range(head, full):
             row = flat[j * block_in : (j + 1) * block_in]
             parts.append(fn(row.reshape(1, block_in)))
-    if rem:
-        tail = jnp.pad(flat[full * block_in :], (0, block_in - rem))
-        parts.append(fn(tail.reshape(1, block_in)))
     parts = [p.reshape(-1) for p in parts]
-    done = sum(p.shape[0] for p in parts[:-1])
-    if parts[-1].shape[0] != out_len - done:
-        parts[-1] = parts[-1][: out_len - done]
+    if tail_out:
+        tail = jnp.pad(flat[full * block_in :], (0, block_in - tail_in))
+        parts.append(fn(tail.reshape(1, block_in)).reshape(-1)[:tail_out])
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -321,7 +346,7 @@ def _pack_groups(x: jax.Array, bits: int) -> jax.Array:
             if any(e is None for e in ent):  # lanes without a t-th term
                 v = v & _lanes([0 if e is None else 0xFFFFFFFF for e in ent])
             acc.append(v)
-        chunks.append(_or_all(acc))
+        chunks.append(_bcast(_or_all(acc), len(ws)))
     return _concat_lanes(chunks)
 
 
@@ -357,12 +382,12 @@ def _pack_impl(codes: jax.Array, bits: int) -> jax.Array:
     nwords = _cdiv(flat.shape[0] * bits, _WORD)
     if nwords == 0:
         return jnp.zeros((0,), jnp.uint32)
-    ncodes, _ = _group_shape(bits)
+    ncodes, nw = _group_shape(bits)
     if bits in _REDUCE_PACK_BITS:
         kernel = functools.partial(_pack_reduce, bits=bits)
     else:
         kernel = functools.partial(_pack_groups, bits=bits)
-    return _blocked(flat, ncodes, nwords, kernel)
+    return _blocked(flat, ncodes, nw, nwords, kernel)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -377,7 +402,7 @@ def _unpack_impl(words: jax.Array, bits: int, n: int, dtype: np.dtype) -> jax.Ar
     def kernel(block: jax.Array) -> jax.Array:
         return _unpack_groups(block, bits).astype(dtype)
 
-    return _blocked(w, nw, n, kernel)
+    return _blocked(w, nw, ncodes, n, kernel)
 
 
 # --------------------------------------------------------------------------
@@ -587,7 +612,7 @@ def _pack_halves_impl(codes: jax.Array, bits: int) -> jax.Array:
     if nw == 0:
         return jnp.zeros((0, 2), jnp.uint32)
     kernel = functools.partial(_pack_halves_rows, bits=bits)
-    return _blocked(flat, per, 2 * nw, kernel).reshape(nw, 2)
+    return _blocked(flat, per, 2, 2 * nw, kernel).reshape(nw, 2)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -602,7 +627,7 @@ def _unpack_halves_impl(
     def kernel(block: jax.Array) -> jax.Array:
         return _unpack_halves_rows(block, bits).astype(dtype)
 
-    return _blocked(h, 2, n, kernel)
+    return _blocked(h, 2, 64 // bits, n, kernel)
 
 
 def pack_int64_halves(codes: Any, bits: int) -> jax.Array:

@@ -115,7 +115,10 @@ def ppf(dist: Dist, u: np.ndarray) -> np.ndarray:
     if family == "gaussian":
         return sps.ndtri(u) / math.sqrt(a)
     if family == "logistic":
-        return sps.logit(sps.betaincinv(a, a, u))
+        # symmetric: evaluate the lower half only (betaincinv loses all precision near 1)
+        lower = np.minimum(u, 1.0 - u)
+        v = sps.logit(sps.betaincinv(a, a, lower))
+        return np.where(u > 0.5, -v, v)
     if family == "gumbel":
         return -np.log(sps.gammainccinv(a, u) / a)
     if family == "exponential":
@@ -190,8 +193,15 @@ def standardise_from_moments(family: str, mean, std, zero=None):
 
 
 def kappa(dist_family: str) -> float:
-    """``kappa = 1 / integral sqrt(pdf)`` of the standard family (for the minimal-error line)."""
+    """``kappa = 1 / integral sqrt(pdf)`` of the standard family (for the minimal-error line).
+
+    Raises:
+      ValueError: for "cauchy", whose ``sqrt(pdf)`` decays like ``1/|z|`` and is not integrable.
+    """
     from scipy import integrate, stats
+
+    if dist_family == "cauchy":
+        raise ValueError("kappa is undefined for dist_family='cauchy': sqrt(pdf) is not integrable")
 
     pdf = {
         "gaussian": stats.norm.pdf,

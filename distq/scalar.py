@@ -312,6 +312,11 @@ def _build(spec, x, rows, codes, codebook, scale, loc, bits, n, method, layout) 
 _CLASS_A = ("gaussian", "logistic", "gumbel")
 
 
+def _unit_class(spec: Scalar, family: str) -> str:
+    """"A": units centred on the data (location families without ``zero``); "B": on ``zero``/0."""
+    return "A" if spec.zero is None and family in _CLASS_A else "B"
+
+
 def _family_affine(family: str) -> tuple[float, float]:
     """(offset, mult) of a family's standard units in (x - centre) / spread units."""
     loc, scale = D.standardise_from_moments(family, 0.0, 1.0)
@@ -325,7 +330,7 @@ def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
     dists = spec.candidate_dists()
     best = {}
     for cls, zs in zsorted.items():
-        members = [d for d in dists if (d.family in _CLASS_A) == (cls == "A")]
+        members = [d for d in dists if _unit_class(spec, d.family) == cls]
         if not members:
             continue
         aff = [_family_affine(d.family) for d in members]
@@ -372,22 +377,26 @@ def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
     g, length = rows.shape
     mx, mn = rows.max(axis=1), rows.min(axis=1)
     const = mx == mn
+    # statistics of rows divided by their absolute maximum: squares cannot overflow
+    amax = jnp.maximum(jnp.abs(mx), jnp.abs(mn))
+    unit = jnp.where(amax > 0, amax, 1.0)
+    scaled = rows / unit[:, None]
     if spec.robust:
-        centre = jnp.median(rows, axis=1)
-        spread = 1.482602218505602 * jnp.median(jnp.abs(rows - centre[:, None]), axis=1)
+        centre = jnp.median(scaled, axis=1)
+        spread = 1.482602218505602 * jnp.median(jnp.abs(scaled - centre[:, None]), axis=1)
         # a group whose MAD is 0 (mostly one value) falls back to its standard deviation
-        spread = jnp.where(spread > 0, spread, jnp.std(rows, axis=1))
+        spread = jnp.where(spread > 0, spread, jnp.std(scaled, axis=1))
     else:
-        centre = rows.mean(axis=1)
-        spread = jnp.std(rows, axis=1, ddof=1 if length > 1 else 0)
+        centre = scaled.mean(axis=1)
+        spread = jnp.std(scaled, axis=1, ddof=1 if length > 1 else 0)
+    centre, spread = centre * unit, spread * unit
     spread = _round_dtype(jnp.where((spread > 0) & ~const, spread, 1.0), spec.scale_dtype)
     centre = _round_dtype(centre, spec.scale_dtype)
     loc0 = jnp.full((g,), 0.0 if spec.zero is None else spec.zero, jnp.float32)
     loc0 = _round_dtype(loc0, spec.scale_dtype)
 
-    dists = spec.candidate_dists()
-    need_a = spec.zero is None and any(d.family in _CLASS_A for d in dists)
-    need_b = spec.zero is not None or any(d.family not in _CLASS_A for d in dists)
+    classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
+    need_a, need_b = "A" in classes, "B" in classes
     zsorted, weights = {}, {}
     w_all = None
     if g > 1:
@@ -441,6 +450,10 @@ def _quantize_uniform(x: jax.Array, spec: Uniform) -> QArray:
     loc = _round_dtype(-(zp * scale), spec.scale_dtype)
     codes = jnp.clip(jnp.round(rows / safe[:, None]) + zp[:, None], 0, n - 1).astype(jnp.int32)
     codebook = jnp.arange(n, dtype=jnp.float32)
+    # a constant group decodes exactly: scale 0 and the value itself as location
+    const = rows.max(axis=1) == rows.min(axis=1)
+    scale = jnp.where(const, 0.0, scale)
+    loc = jnp.where(const, _round_dtype(rows[:, 0], spec.scale_dtype), loc)
     return _build(spec, x, rows, codes, codebook, scale, loc, bits, n, "uniform", layout)
 
 
