@@ -136,7 +136,9 @@ def cdf(dist: Dist, z: np.ndarray) -> np.ndarray:
     if family == "gaussian":
         return sps.ndtr(z * math.sqrt(a))
     if family == "logistic":
-        return sps.betainc(a, a, sps.expit(z))
+        # symmetric: evaluate the lower tail only (expit rounds to 1.0 for z > ~37)
+        lower = sps.betainc(a, a, sps.expit(-np.abs(z)))
+        return np.where(z > 0, 1.0 - lower, lower)
     if family == "gumbel":
         return sps.gammaincc(a, a * np.exp(-z))
     if family == "exponential":
