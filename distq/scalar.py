@@ -310,6 +310,7 @@ def _build(spec, x, rows, codes, codebook, scale, loc, bits, n, method, layout) 
 
 # ------------------------------------------------------------------------------- distributional
 _CLASS_A = ("gaussian", "logistic", "gumbel")
+_SEARCH_LEVELS = 1024
 
 
 def _unit_class(spec: Scalar, family: str) -> str:
@@ -336,7 +337,11 @@ def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
         aff = [_family_affine(d.family) for d in members]
         offs = np.array([0.0 if cls == "B" else a[0] for a in aff], np.float32)
         muls = np.array([a[1] for a in aff], np.float32)
-        cands = S.Candidates(members, n, offs, muls, encode="nearest")
+        # candidates are ranked on at most _SEARCH_LEVELS levels: beyond that the ranking no
+        # longer changes (high-rate regime), and a float32 squared-error score of a finer
+        # codebook would drown in rounding
+        cands = S.Candidates(members, min(n, _SEARCH_LEVELS), offs, muls, encode="nearest")
+        final = cands if n <= _SEARCH_LEVELS else S.Candidates(members, n, offs, muls, "nearest")
         if spec.beta is None:
             _, row, col = S.grid_search(zs, cands, spec.objective)
             b, e = S.zoom_search(zs, cands, spec.objective, row, col)
@@ -346,7 +351,7 @@ def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
             errs = S.score(zs, cands, spec.objective, rows, bs)
             row = jnp.argmin(errs)
             b, e = bs[row], errs[row]
-        _, lv = cands.codebooks(row, b)
+        _, lv = final.codebooks(row, b)
         best[cls] = (e, lv)
     if len(best) == 2:
         use_a = best["A"][0] <= best["B"][0]
@@ -357,8 +362,7 @@ def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
         (cls,) = best
         use_a = jnp.asarray(cls == "A")
         lv, zs, w = best[cls][1], zsorted[cls], weights[cls]
-    lv = jnp.sort(lv)
-    fixed = None
+    fixed = None  # (levels are increasing: tables of increasing ppf times a positive scale)
     if spec.zero is not None:
         j = jnp.argmin(jnp.abs(lv))
         lv = lv.at[j].set(0.0)
