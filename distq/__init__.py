@@ -3,8 +3,11 @@
 from . import bitpack as bitpack
 from . import compat as compat
 from . import distributions as distributions
+from . import kmeans as kmeans
+from . import pq as pq
 from .qarray import Layout as Layout
 from .qarray import QArray as QArray
+from .pq import PQ as PQ
 from .qarray import is_qarray as is_qarray
 from .scalar import NF4 as NF4
 from .scalar import Scalar as Scalar
