@@ -253,7 +253,7 @@ def study_gaussian(args, log):
         rows.append(run("faiss default (2 threads)", Faiss(m, bits), x, None, args.reps_big))
         rows.append(run("faiss default (1 thread)", Faiss(m, bits, threads=1), x, None,
                         args.reps_big))
-    cols = [("method", "method", "{}"), ("mse", "rel. MSE", "{:.4f}"),
+    cols = [("method", "method", "{}"), ("mse", "rel. MSE", "{:.5f}"),
             ("train", "train s", "{:.2f}"), ("encode", "encode s", "{:.3f}"),
             ("first", "distq 1st call s", "{:.2f}")]
     log(f"### 2. Gaussian N(0,1), {n} x 300, m=15, 8 bits\n")
