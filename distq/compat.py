@@ -66,6 +66,13 @@ def _family_loc_scale(family: str, mean, std, zero):
     return loc, scale
 
 
+def _snap_zero(lv, zero):
+    """The middle level of an odd symmetric codebook is ``zero`` up to rounding: make it exact."""
+    if zero is None:
+        return lv
+    return jnp.where(jnp.abs(lv - zero) <= 1e-6 * (jnp.abs(lv[-1] - lv[0]) + 1e-30), zero, lv)
+
+
 def _encode_int64_fused(x, t, lv, k):
     """Codes, int64-layout packing and per-word absolute errors in one elementwise loop.
 
@@ -132,9 +139,7 @@ def _run(x, beta, *, dists, n, search, zero, packbits, k):
     else:
         row = col = jnp.int32(0)
     t, lv = cands.codebooks(row, beta)
-    if zero is not None:
-        # the middle level of an odd symmetric codebook is ``zero`` up to rounding: make it exact
-        lv = jnp.where(jnp.abs(lv - zero) <= 1e-6 * (jnp.abs(lv[-1] - lv[0]) + 1e-30), zero, lv)
+    lv = _snap_zero(lv, zero)
     if packbits and n <= _FUSED_MAX_LEVELS:
         # materialise the thresholds first so the loop does not recompute them per element
         t, lv = jax.lax.optimization_barrier((t, lv))
@@ -204,16 +209,13 @@ def quantize(
     flat, in_dtype, shape = _to_host_float32(data)
 
     names = D.DIST_NAMES if dist is None else (dist,)
-    for name in names:
-        D.parse_dist(name)  # validates
-    symmetric = [D.parse_dist(nm).family in D.SYMMETRIC for nm in names]
-    if zero is not None and n % 2 == 0 and any(symmetric):
+    dists = tuple(D.parse_dist(nm) for nm in names)  # validates
+    if zero is not None and n % 2 == 0 and any(d.family in D.SYMMETRIC for d in dists):
         if n == 2:
             raise ValueError("zero with k=1 (n=2) would leave a single level; use n >= 3")
         n -= 1  # odd n: the middle level is exactly `zero` (distquant asserts odd n here)
     codes_bits = max(1, math.ceil(math.log2(n)))
 
-    dists = tuple(D.parse_dist(nm) for nm in names)
     out, err, row, col, loc, scale, finite = _run(
         jax.device_put(flat),  # zero-copy: `flat` is 64-byte aligned
         jnp.float32(1.0 if beta is None else beta),
@@ -261,8 +263,7 @@ def quantize(
 @functools.partial(jax.jit, static_argnames=("dist", "n", "zero"))
 def _decode(codes, beta, loc, scale, *, dist, n, zero):
     lv = loc + scale * beta * jnp.asarray(D.levels(dist, n), jnp.float32)
-    if zero is not None:
-        lv = jnp.where(jnp.abs(lv - zero) <= 1e-6 * (jnp.abs(lv[-1] - lv[0]) + 1e-30), zero, lv)
+    lv = _snap_zero(lv, zero)
     return lv[codes.astype(jnp.int32)]
 
 

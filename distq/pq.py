@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 from jax import lax
 
 from . import _checks, bitpack
 from . import kmeans as km
+from .qarray import register_serialisation
 
 _CODEBOOK_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -451,24 +450,12 @@ def is_pqarray(x: Any) -> bool:
     return isinstance(x, PQArray)
 
 
-def _to_state(q: PQArray) -> dict:
-    state = {"codes": q.codes, "codebooks": q.codebooks, "metadata": json.dumps(q.metadata())}
-    if q.rotation is not None:
-        state["rotation"] = q.rotation
-    return state
-
-
-def _from_state(target: PQArray | None, state: dict) -> PQArray:
-    meta = json.loads(state["metadata"]) if "metadata" in state else target.metadata()
-    return PQArray.from_arrays(state, meta)
-
-
-serialization.register_serialization_state(PQArray, _to_state, _from_state, override=True)
+_from_state_dict = register_serialisation(PQArray, ("codes", "codebooks", "rotation"))
 
 
 def from_state_dict(state: dict) -> PQArray:
     """Rebuilds a PQArray from ``flax.serialization.to_state_dict(q)`` without a target."""
-    return _from_state(None, state)
+    return _from_state_dict(state)
 
 
 # ------------------------------------------------------------------------ fitted quantiser

@@ -211,26 +211,27 @@ def is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
 
 
-def _to_state(q: QArray) -> dict:
-    state = {
-        "codes": q.codes,
-        "codebook": q.codebook,
-        "scale": q.scale,
-        "metadata": json.dumps(q.metadata()),
-    }
-    if q.loc is not None:
-        state["loc"] = q.loc
-    return state
+def register_serialisation(cls, fields: tuple[str, ...]):
+    """Registers ``cls`` with ``flax.serialization``: its array ``fields`` (``None`` ones left
+    out) plus JSON ``metadata``, so it can be rebuilt with or without a target. ``cls`` needs
+    ``metadata()`` and ``from_arrays(arrays, metadata)``. Returns the target-free loader."""
+
+    def to_state(q) -> dict:
+        state = {f: getattr(q, f) for f in fields if getattr(q, f) is not None}
+        state["metadata"] = json.dumps(q.metadata())
+        return state
+
+    def from_state(target, state: dict):
+        meta = json.loads(state["metadata"]) if "metadata" in state else target.metadata()
+        return cls.from_arrays(state, meta)
+
+    serialization.register_serialization_state(cls, to_state, from_state, override=True)
+    return lambda state: from_state(None, state)
 
 
-def _from_state(target: QArray | None, state: dict) -> QArray:
-    meta = json.loads(state["metadata"]) if "metadata" in state else target.metadata()
-    return QArray.from_arrays(state, meta)
-
-
-serialization.register_serialization_state(QArray, _to_state, _from_state, override=True)
+_from_state_dict = register_serialisation(QArray, ("codes", "codebook", "scale", "loc"))
 
 
 def from_state_dict(state: dict) -> QArray:
     """Rebuilds a QArray from ``flax.serialization.to_state_dict(q)`` without a target."""
-    return _from_state(None, state)
+    return _from_state_dict(state)

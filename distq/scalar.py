@@ -293,7 +293,7 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
     return bitpack.pack(codes.reshape(-1).astype(jnp.uint32), bits)
 
 
-def _build(spec, x, rows, codes, codebook, scale, loc, bits, n, method, layout) -> QArray:
+def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout) -> QArray:
     return QArray(
         codes=_pack(codes, bits),
         codebook=codebook.astype(jnp.float32),
@@ -402,20 +402,20 @@ def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
     classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
     need_a, need_b = "A" in classes, "B" in classes
     zsorted, weights = {}, {}
-    w_all = None
+    w_fit = None  # per-value weights (the group's scale) of the fitted sample
     if g > 1:
-        w_all = jnp.broadcast_to(
+        w_fit = _strided_sample(jnp.broadcast_to(
             (spread**2 if spec.objective == "mse" else spread)[:, None], rows.shape
-        ).reshape(-1)
+        ).reshape(-1), spec.fit_size)
     for cls, ok, loc in (("A", need_a, centre), ("B", need_b, loc0)):
         if not ok:
             continue
         z = ((rows - loc[:, None]) / spread[:, None]).reshape(-1)
         z = _strided_sample(z, spec.fit_size)
-        if w_all is None:
+        if w_fit is None:
             zsorted[cls], weights[cls] = nx.sort_float(z), None
         else:
-            zsorted[cls], weights[cls] = nx.sort_float(z, _strided_sample(w_all, spec.fit_size))
+            zsorted[cls], weights[cls] = nx.sort_float(z, w_fit)
     codebook, use_a = _fit_codebook(spec, zsorted, weights, n)
 
     loc = jnp.where(use_a, centre, loc0)
@@ -423,7 +423,7 @@ def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
     codes = nx.bucketize(z, 0.5 * (codebook[1:] + codebook[:-1]))
     scale = jnp.where(const, 0.0, spread)
     loc = jnp.where(const, mx, loc)
-    return _build(spec, x, rows, codes, codebook, scale, loc, bits, n, "distributional", layout)
+    return _build(spec, x, codes, codebook, scale, loc, bits, n, "distributional", layout)
 
 
 # ------------------------------------------------------------------------------------ uniform
@@ -443,7 +443,7 @@ def _quantize_uniform(x: jax.Array, spec: Uniform) -> QArray:
             scale = _round_dtype(absmax / qmax, spec.scale_dtype)
             safe = jnp.where(scale > 0, scale, 1.0)
             codes = jnp.clip(jnp.round(rows / safe[:, None]), -qmax, qmax).astype(jnp.int32) + qmax
-        return _build(spec, x, rows, codes, codebook, scale, None, bits, codebook.shape[0],
+        return _build(spec, x, codes, codebook, scale, None, bits, codebook.shape[0],
                       "uniform", layout)
     n = 1 << bits
     hi = jnp.maximum(rows.max(axis=1), 0.0)
@@ -458,7 +458,7 @@ def _quantize_uniform(x: jax.Array, spec: Uniform) -> QArray:
     const = rows.max(axis=1) == rows.min(axis=1)
     scale = jnp.where(const, 0.0, scale)
     loc = jnp.where(const, _round_dtype(rows[:, 0], spec.scale_dtype), loc)
-    return _build(spec, x, rows, codes, codebook, scale, loc, bits, n, "uniform", layout)
+    return _build(spec, x, codes, codebook, scale, loc, bits, n, "uniform", layout)
 
 
 def _quantize_nf4(x: jax.Array, spec: NF4) -> QArray:
@@ -468,7 +468,7 @@ def _quantize_nf4(x: jax.Array, spec: NF4) -> QArray:
     scale = _round_dtype(jnp.max(jnp.abs(rows), axis=1), spec.scale_dtype)
     safe = jnp.where(scale > 0, scale, 1.0)
     codes = nx.bucketize(rows / safe[:, None], 0.5 * (codebook[1:] + codebook[:-1]))
-    return _build(spec, x, rows, codes, codebook, scale, None, 4, 16, "nf4", layout)
+    return _build(spec, x, codes, codebook, scale, None, 4, 16, "nf4", layout)
 
 
 # Compiled once per (shape, dtype, spec); inside a caller's jit they are simply inlined.
