@@ -15,5 +15,22 @@ from .scalar import Uniform as Uniform
 from .scalar import dequantize as dequantize
 from .scalar import nf4_levels as nf4_levels
 from .scalar import quantize as quantize
+from . import tree as tree
+from .tree import Cast as Cast
+from .tree import CastArray as CastArray
+from .tree import TreeReport as TreeReport
+from .tree import apply_masks as apply_masks
+from .tree import combine as combine
+from .tree import dequantize_tree as dequantize_tree
+from .tree import distillation_loss as distillation_loss
+from .tree import fake_quantize as fake_quantize
+from .tree import fake_quantize_tree as fake_quantize_tree
+from .tree import is_quantized as is_quantized
+from .tree import masked_updates as masked_updates
+from .tree import partition as partition
+from .tree import prune_magnitude as prune_magnitude
+from .tree import prune_structured as prune_structured
+from .tree import quantize_tree as quantize_tree
+from .tree import tree_nbytes as tree_nbytes
 
 __version__ = "0.1.0"
