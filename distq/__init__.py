@@ -16,6 +16,11 @@ from .scalar import dequantize as dequantize
 from .scalar import nf4_levels as nf4_levels
 from .scalar import quantize as quantize
 from . import tree as tree
+from . import nn as nn
+from . import calibrate as calibrate
+from . import checkpoint as checkpoint
+from .checkpoint import load as load
+from .checkpoint import save as save
 from .tree import Cast as Cast
 from .tree import CastArray as CastArray
 from .tree import TreeReport as TreeReport

@@ -72,9 +72,10 @@ class PrefixSums(NamedTuple):
 
     @classmethod
     def build(cls, v: jax.Array) -> "PrefixSums":
-        hi, lo = lax.associative_scan(_df_add, (v, jnp.zeros_like(v)))
+        hi, lo = _df_cumsum(v)
         z = jnp.zeros((1,), v.dtype)
         return cls(jnp.concatenate([z, hi]), jnp.concatenate([z, lo]))
+
 
     def at(self, i: jax.Array) -> jax.Array:
         return self.hi[i] + self.lo[i]
@@ -83,6 +84,46 @@ class PrefixSums(NamedTuple):
         """``sum(v[a:b])`` for integer index arrays ``a <= b``."""
         s, e = _two_sum(self.hi[b], -self.hi[a])
         return s + (e + (self.lo[b] - self.lo[a]))
+
+
+_LANE_STEPS = 256
+
+
+def _df_cumsum(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inclusive double-float cumulative sum of a 1-D array.
+
+    Two-level and sequential rather than ``lax.associative_scan`` (whose unrolled levels cost
+    seconds of compile time): the array is cut into lanes of ``_LANE_STEPS`` values, one
+    ``lax.scan`` walks all lanes at once, and the lanes' totals are prefix-summed the same way
+    (recursively) and added back, every addition error-free (TwoSum).
+    """
+    n = v.shape[0]
+    if n <= _LANE_STEPS:
+        def step(c, x):
+            c = _df_add(c, (x, jnp.zeros_like(x)))
+            return c, c
+
+        zero = jnp.zeros((), v.dtype)
+        _, (hi, lo) = lax.scan(step, (zero, zero), v)
+        return hi, lo
+    lanes = -(-n // _LANE_STEPS)
+    vp = jnp.pad(v, (0, lanes * _LANE_STEPS - n)).reshape(lanes, _LANE_STEPS)
+
+    def lane_step(c, x):
+        c = _df_add(c, (x, jnp.zeros_like(x)))
+        return c, c
+
+    zero = jnp.zeros((lanes,), v.dtype)
+    (th, tl), (hi, lo) = lax.scan(lane_step, (zero, zero), vp.T)  # (steps, lanes)
+    # exclusive prefix of the lane totals (a double-float sum of double-floats: hi part scanned,
+    # the lo parts added in a second double-float pass)
+    oh, ol = _df_cumsum(th)
+    eh, el = _df_cumsum(tl)
+    off = _df_add((oh, ol), (eh, el))
+    off = (jnp.concatenate([jnp.zeros((1,), v.dtype), off[0][:-1]]),
+           jnp.concatenate([jnp.zeros((1,), v.dtype), off[1][:-1]]))
+    hi, lo = _df_add((hi, lo), (off[0][None, :], off[1][None, :]))
+    return hi.T.reshape(-1)[:n], lo.T.reshape(-1)[:n]
 
 
 def bucketize(x: jax.Array, t: jax.Array) -> jax.Array:
@@ -121,23 +162,29 @@ def cell_bounds(zs: jax.Array, t: jax.Array) -> jax.Array:
 
 def range_errors(
     zs: jax.Array, p1: PrefixSums, p2: PrefixSums | None, t: jax.Array, lv: jax.Array,
-    objective: str,
+    objective: str, pw: PrefixSums | None = None,
 ) -> jax.Array:
     """Total error of encoding sorted ``zs`` with thresholds ``t`` (n-1,) and levels ``lv`` (n,).
 
     ``objective`` "mae" sums ``|z - level|``; "mse" sums ``(z - level)^2`` (needs ``p2``, the
     prefix sums of ``zs**2``). Vectorise over candidates with ``jax.vmap`` over ``t`` and ``lv``.
+    With per-value weights ``w``, pass ``pw`` (prefix sums of ``w``) and build ``p1``/``p2`` from
+    ``w * zs`` and ``w * zs**2``: the result is the weighted error.
     """
     b = cell_bounds(zs, t)
     b0, b1 = b[:-1], b[1:]
-    cnt = (b1 - b0).astype(zs.dtype)
+
+    def count(a, b):
+        return (b - a).astype(zs.dtype) if pw is None else pw.range(a, b)
+
+    cnt = count(b0, b1)
     if objective == "mse":
         s1 = p1.range(b0, b1)
         s2 = p2.range(b0, b1)
         return jnp.sum(jnp.maximum(s2 - 2.0 * lv * s1 + lv * lv * cnt, 0.0))
     m = jnp.clip(jnp.searchsorted(zs, lv, side="left", method="scan").astype(jnp.int32), b0, b1)
-    above = p1.range(m, b1) - lv * (b1 - m).astype(zs.dtype)
-    below = lv * (m - b0).astype(zs.dtype) - p1.range(b0, m)
+    above = p1.range(m, b1) - lv * count(m, b1)
+    below = lv * count(b0, m) - p1.range(b0, m)
     return jnp.sum(above + below)
 
 

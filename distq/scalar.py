@@ -326,11 +326,12 @@ def _family_affine(family: str) -> tuple[float, float]:
     return float(loc), float(scale)
 
 
-def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
+def _fit_codebook(zsorted: dict, weights: dict, spec: Scalar, n: int):
     """Searches dist/beta per unit class, refines; returns (codebook, class_is_A)."""
     dists = spec.candidate_dists()
     best = {}
     for cls, zs in zsorted.items():
+        w = weights[cls]
         members = [d for d in dists if _unit_class(spec, d.family) == cls]
         if not members:
             continue
@@ -342,13 +343,14 @@ def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
         # codebook would drown in rounding
         cands = S.Candidates(members, min(n, _SEARCH_LEVELS), offs, muls, encode="nearest")
         final = cands if n <= _SEARCH_LEVELS else S.Candidates(members, n, offs, muls, "nearest")
+        sums = S.prefix_sums(zs, spec.objective, w)
         if spec.beta is None:
-            _, row, col = S.grid_search(zs, cands, spec.objective)
-            b, e = S.zoom_search(zs, cands, spec.objective, row, col)
+            _, row, col = S.grid_search(zs, cands, spec.objective, w, sums)
+            b, e = S.zoom_search(zs, cands, spec.objective, row, col, w=w, sums=sums)
         else:
             rows = jnp.arange(len(members))
             bs = jnp.full((len(members),), spec.beta, jnp.float32)
-            errs = S.score(zs, cands, spec.objective, rows, bs)
+            errs = S.score(zs, cands, spec.objective, rows, bs, w, sums)
             row = jnp.argmin(errs)
             b, e = bs[row], errs[row]
         _, lv = final.codebooks(row, b)
@@ -374,8 +376,26 @@ def _fit_codebook(spec: Scalar, zsorted: dict, weights: dict, n: int):
     return lv, use_a
 
 
-def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
-    bits, n = spec.code_bits, spec.levels
+def _fit_bucket(size: int, fit_size: int) -> int:
+    """The padded length of a fitting sample of ``size`` values: a power of two (>= 1024) or
+    ``fit_size``, so that tensors of many shapes share one compiled search-and-refine."""
+    if size >= fit_size:
+        return fit_size
+    return min(max(1024, 1 << (size - 1).bit_length()), fit_size)
+
+
+def _pad_sorted(zs: jax.Array, w: jax.Array | None, bucket: int):
+    """Appends zero-weight copies of the largest value: same weighted data, ``bucket`` long."""
+    pad = bucket - zs.shape[0]
+    if pad == 0:
+        return zs, w
+    w = jnp.ones_like(zs) if w is None else w
+    zs = jnp.concatenate([zs, jnp.broadcast_to(zs[-1], (pad,))])
+    return zs, jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
+
+
+def _prepare_scalar(x: jax.Array, spec: Scalar):
+    """Stage 1 (compiled per shape, cheap): group statistics and the sorted fitting samples."""
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(x.astype(jnp.float32))
     g, length = rows.shape
@@ -400,30 +420,52 @@ def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
     loc0 = _round_dtype(loc0, spec.scale_dtype)
 
     classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
-    need_a, need_b = "A" in classes, "B" in classes
     zsorted, weights = {}, {}
     w_fit = None  # per-value weights (the group's scale) of the fitted sample
     if g > 1:
         w_fit = _strided_sample(jnp.broadcast_to(
             (spread**2 if spec.objective == "mse" else spread)[:, None], rows.shape
         ).reshape(-1), spec.fit_size)
-    for cls, ok, loc in (("A", need_a, centre), ("B", need_b, loc0)):
-        if not ok:
+    bucket = _fit_bucket(min(g * length, spec.fit_size), spec.fit_size)
+    for cls, loc in (("A", centre), ("B", loc0)):
+        if cls not in classes:
             continue
         z = ((rows - loc[:, None]) / spread[:, None]).reshape(-1)
         z = _strided_sample(z, spec.fit_size)
         if w_fit is None:
-            zsorted[cls], weights[cls] = nx.sort_float(z), None
+            zs, w = nx.sort_float(z), None
         else:
-            zsorted[cls], weights[cls] = nx.sort_float(z, w_fit)
-    codebook, use_a = _fit_codebook(spec, zsorted, weights, n)
+            zs, w = nx.sort_float(z, w_fit)
+        zsorted[cls], weights[cls] = _pad_sorted(zs, w, bucket)
+    return (centre, spread, loc0, mx, const), zsorted, weights
 
+
+def _encode_scalar(x, spec: Scalar, stats, codebook, use_a) -> QArray:
+    """Stage 3 (compiled per shape, cheap): codes against the fitted codebook."""
+    centre, spread, loc0, mx, const = stats
+    layout = layout_for(spec, x.shape)
+    rows = layout.to_rows(x.astype(jnp.float32))
     loc = jnp.where(use_a, centre, loc0)
     z = (rows - loc[:, None]) / spread[:, None]
     codes = nx.bucketize(z, 0.5 * (codebook[1:] + codebook[:-1]))
     scale = jnp.where(const, 0.0, spread)
     loc = jnp.where(const, mx, loc)
-    return _build(spec, x, codes, codebook, scale, loc, bits, n, "distributional", layout)
+    return _build(spec, x, codes, codebook, scale, loc, spec.code_bits, spec.levels,
+                  "distributional", layout)
+
+
+# The three stages are compiled separately: the expensive one (search + Lloyd-Max, stage 2)
+# sees only the padded sorted sample, so it compiles once per (spec, bucket) instead of once per
+# tensor shape. Inside a caller's jit they are inlined into one computation.
+_prepare_jit = jax.jit(_prepare_scalar, static_argnums=1)
+_fit_jit = jax.jit(_fit_codebook, static_argnums=(2, 3))
+_encode_jit = jax.jit(_encode_scalar, static_argnums=1)
+
+
+def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
+    stats, zsorted, weights = _prepare_jit(x, spec)
+    codebook, use_a = _fit_jit(zsorted, weights, spec, spec.levels)
+    return _encode_jit(x, spec, stats, codebook, use_a)
 
 
 # ------------------------------------------------------------------------------------ uniform
@@ -473,7 +515,7 @@ def _quantize_nf4(x: jax.Array, spec: NF4) -> QArray:
 
 # Compiled once per (shape, dtype, spec); inside a caller's jit they are simply inlined.
 _DISPATCH = {
-    Scalar: jax.jit(_quantize_scalar, static_argnums=1),
+    Scalar: _quantize_scalar,
     Uniform: jax.jit(_quantize_uniform, static_argnums=1),
     NF4: jax.jit(_quantize_nf4, static_argnums=1),
 }

@@ -68,19 +68,29 @@ class Candidates:
         return t, lv
 
 
-def score(zs: jax.Array, cands: Candidates, objective: str, rows, betas) -> jax.Array:
-    """Error of candidates (``rows``, ``betas`` broadcast together) on sorted ``zs``."""
-    p1 = nx.PrefixSums.build(zs)
-    p2 = nx.PrefixSums.build(zs * zs) if objective == "mse" else None
+def prefix_sums(zs: jax.Array, objective: str, w=None):
+    """The prefix sums :func:`score` needs (build once, score many candidate sets)."""
+    wz = zs if w is None else w * zs
+    p1 = nx.PrefixSums.build(wz)
+    p2 = nx.PrefixSums.build(wz * zs) if objective == "mse" else None
+    pw = None if w is None else nx.PrefixSums.build(w)
+    return p1, p2, pw
+
+
+def score(zs: jax.Array, cands: Candidates, objective: str, rows, betas, w=None,
+          sums=None) -> jax.Array:
+    """Error of candidates (``rows``, ``betas`` broadcast together) on sorted ``zs`` (weighted by
+    ``w`` when given; ``sums`` from :func:`prefix_sums` to reuse)."""
+    p1, p2, pw = prefix_sums(zs, objective, w) if sums is None else sums
     t, lv = cands.codebooks(rows, betas)
     flat_t = t.reshape(-1, t.shape[-1])
     flat_l = lv.reshape(-1, lv.shape[-1])
-    err = jax.vmap(lambda a, b: nx.range_errors(zs, p1, p2, a, b, objective))(flat_t, flat_l)
+    err = jax.vmap(lambda a, b: nx.range_errors(zs, p1, p2, a, b, objective, pw))(flat_t, flat_l)
     err = err.reshape(betas.shape)
     return jnp.where(jnp.isnan(betas), jnp.inf, err)
 
 
-def grid_search(zs: jax.Array, cands: Candidates, objective: str):
+def grid_search(zs: jax.Array, cands: Candidates, objective: str, w=None, sums=None):
     """Scores every dist x grid-beta; returns ``(errors (D, B), best_row, best_col)``.
 
     Ties resolve to the earliest dist and the smallest beta, as the reference's strict ``<``
@@ -88,27 +98,29 @@ def grid_search(zs: jax.Array, cands: Candidates, objective: str):
     """
     nd, nb = cands.betas.shape
     rows = jnp.broadcast_to(jnp.arange(nd)[:, None], (nd, nb))
-    err = score(zs, cands, objective, rows, jnp.asarray(cands.betas))
+    err = score(zs, cands, objective, rows, jnp.asarray(cands.betas), w, sums)
     flat = jnp.argmin(err.reshape(-1))  # argmin returns the first minimum
     return err, flat // nb, flat % nb
 
 
-def zoom_search(zs, cands: Candidates, objective: str, row, col, rounds: int = 2, points: int = 17):
+def zoom_search(zs, cands: Candidates, objective: str, row, col, rounds: int = 2, points: int = 17,
+                w=None, sums=None):
     """Continuous refinement of ``beta`` for dist ``row`` around grid column ``col``.
 
     Each round evaluates ``points`` values evenly spaced in ``log beta`` between the neighbours
     of the current best and keeps the best (never worse than the grid's winner).
     """
+    sums = prefix_sums(zs, objective, w) if sums is None else sums
     grid = jnp.asarray(cands.betas)[row]
     valid = ~jnp.isnan(grid)
     last = jnp.sum(valid) - 1
     lo = jnp.where(col > 0, grid[jnp.maximum(col - 1, 0)], grid[col] / 1.5)
     hi = jnp.where(col < last, grid[jnp.minimum(col + 1, last)], grid[col] * 1.5)
     best_b = grid[col]
-    best_e = score(zs, cands, objective, row[None], best_b[None])[0]
+    best_e = score(zs, cands, objective, row[None], best_b[None], w, sums)[0]
     for _ in range(rounds):
         bs = jnp.exp(jnp.linspace(jnp.log(lo), jnp.log(hi), points))
-        e = score(zs, cands, objective, jnp.full((points,), row), bs)
+        e = score(zs, cands, objective, jnp.full((points,), row), bs, w, sums)
         j = jnp.argmin(e)
         better = e[j] < best_e
         best_b = jnp.where(better, bs[j], best_b)

@@ -1,0 +1,140 @@
+"""Calibrated quantisation: Gram matrices found by tracing, GPTQ rounding vs a NumPy reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distq
+from distq import calibrate
+
+
+def _apply(p, x):
+    h = jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"], approximate=False)
+    h = jax.jit(lambda h, w: h @ w.T)(h, p["l2"]["weight"])  # HF layout, inside a nested jit
+    return h.astype(jnp.bfloat16).astype(jnp.float32) @ p["head"]
+
+
+def _params(key=0, d_in=32, d_h=48):
+    k = jax.random.split(jax.random.key(key), 3)
+    return {"l1": {"kernel": jax.random.normal(k[0], (d_in, d_h)) / np.sqrt(d_in),
+                   "bias": jnp.zeros(d_h)},
+            "l2": {"weight": jax.random.normal(k[1], (24, d_h)) / np.sqrt(d_h)},
+            "head": jax.random.normal(k[2], (24, 4))}
+
+
+def _data(key, n=512, d=32):
+    """Correlated inputs with three outlier features; same distribution for every key."""
+    mix = jax.random.normal(jax.random.key(99), (d, d)) / np.sqrt(d)
+    x = jax.random.normal(jax.random.key(key), (n, d)) @ mix
+    return x * jnp.where(jnp.arange(d) < 3, 8.0, 1.0)
+
+
+def test_collect_finds_the_gram_matrix_of_each_matmul_input():
+    p, x = _params(), _data(1)
+    leaves = jax.tree_util.tree_flatten_with_path(p)[0]
+    paths = [distq.tree.path_str(k) for k, _ in leaves]
+    grams = calibrate.collect(p, (_apply, (x,)), paths, [True] * len(paths))
+    assert set(grams) == {"l1/kernel", "l2/weight", "head"}
+    xn = np.asarray(x, np.float64)
+    axis, h = grams["l1/kernel"]
+    assert axis == 0
+    np.testing.assert_allclose(h, xn.T @ xn, rtol=1e-4, atol=1e-3)
+    hid = jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"], approximate=False)
+    axis, h = grams["l2/weight"]
+    assert axis == 1
+    hn = np.asarray(hid, np.float64)
+    np.testing.assert_allclose(h, hn.T @ hn, rtol=1e-4, atol=1e-3)
+
+
+def test_tied_weight_used_both_ways_is_left_out():
+    def apply(p, ids):
+        e = jnp.take(p["emb"], ids, axis=0)
+        h = e @ p["w"]
+        return h @ p["emb"].T  # tied output projection: contracts axis 1 of emb
+    p = {"emb": jax.random.normal(jax.random.key(0), (50, 16)),
+         "w": jax.random.normal(jax.random.key(1), (16, 16))}
+    grams = calibrate.collect(p, (apply, (jnp.arange(10),)), ["emb", "w"], [True, True])
+    assert set(grams) == {"emb", "w"} and grams["emb"][0] == 1
+
+    def apply2(p, x):
+        return (x @ p["w"]) @ p["w"].T  # w met along axis 0 and axis 1
+    grams = calibrate.collect(p, (apply2, (jnp.ones((4, 16)),)), ["emb", "w"], [True, True])
+    assert grams == {}
+
+
+def _gptq_numpy(w, h, scale, loc, cb, damp):
+    """Column-by-column GPTQ in float64 (no blocks, no reordering)."""
+    w = np.array(w, np.float64)
+    h = np.array(h, np.float64)
+    h = h + damp * np.mean(np.diag(h)) * np.eye(len(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.zeros(w.shape, np.int64)
+    for j in range(w.shape[1]):
+        z = (w[:, j] - loc[:, j]) / scale[:, j]
+        c = np.argmin(np.abs(z[:, None] - cb[None, :]), axis=1)
+        qv = loc[:, j] + scale[:, j] * cb[c]
+        err = (w[:, j] - qv) / u[j, j]
+        w[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+        codes[:, j] = c
+    return codes
+
+
+@pytest.mark.parametrize("block", [1, 5, 128])
+def test_gptq_matches_numpy_reference(block):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(20, 37)).astype(np.float32)
+    x = rng.normal(size=(300, 37)) @ rng.normal(size=(37, 37))
+    h = (x.T @ x).astype(np.float32)
+    cb = np.sort(rng.normal(size=8)).astype(np.float32)
+    scale = np.full(w.shape, 0.7, np.float32)
+    loc = np.full(w.shape, 0.1, np.float32)
+    opts = calibrate.Calibration(block=block, act_order=False, refit=False)
+    codes, cb2 = calibrate._gptq(jnp.asarray(w), jnp.asarray(h), jnp.asarray(scale),
+                                 jnp.asarray(loc), jnp.asarray(cb), opts)
+    ref = _gptq_numpy(w, h, scale, loc, cb, opts.damp)
+    assert np.mean(np.asarray(codes) == ref) > 0.99
+    np.testing.assert_array_equal(cb2, cb)
+
+
+@pytest.mark.parametrize("spec", [distq.Scalar(bits=3, dist="gaussian"),
+                                  distq.Uniform(bits=4, axis=-1), distq.NF4(group_size=16)])
+def test_calibrated_tree_has_lower_output_error_on_held_out_data(spec):
+    p = _params()
+    x, xt = _data(1), _data(2)
+    rules = [(r".*(kernel|weight)", spec)]
+    q, _ = distq.quantize_tree(p, rules)
+    qc, rep = distq.quantize_tree(p, rules, calibration=(_apply, (x,)))
+    assert [r.note for r in rep.quantized()] == ["calibrated", "calibrated"]
+    y = _apply(p, xt)
+    e0 = float(jnp.mean((_apply(distq.dequantize_tree(q), xt) - y) ** 2))
+    e1 = float(jnp.mean((_apply(distq.dequantize_tree(qc), xt) - y) ** 2))
+    assert e1 < 0.7 * e0, (e0, e1)
+    # the grid (scales, locations) is the spec's own: only codes (and refitted levels) change
+    for leaf in ("l1", "l2"):
+        a, b = jax.tree.leaves(q[leaf])[0], jax.tree.leaves(qc[leaf])[0]
+        assert a.bits == b.bits and a.layout == b.layout
+        np.testing.assert_array_equal(a.scale, b.scale)
+        assert distq.tree_nbytes(q[leaf]) == distq.tree_nbytes(qc[leaf])
+
+
+def test_calibration_with_a_flax_module():
+    model = nn.Sequential([nn.Dense(64), nn.gelu, nn.Dense(8)])
+    x, xt = _data(3, d=16), _data(4, d=16)
+    variables = model.init(jax.random.key(0), x)
+    rules = [(r".*kernel", distq.Scalar(bits=2, dist="gaussian"))]
+    q, _ = distq.quantize_tree(variables, rules)
+    qc, rep = distq.quantize_tree(variables, rules, calibration=(model.apply, (x,)))
+    assert sum(r.note == "calibrated" for r in rep.leaves) == 2
+    y = model.apply(variables, xt)
+    e0 = float(jnp.mean((model.apply(distq.dequantize_tree(q), xt) - y) ** 2))
+    e1 = float(jnp.mean((model.apply(distq.dequantize_tree(qc), xt) - y) ** 2))
+    assert e1 < 0.8 * e0, (e0, e1)
+
+
+def test_bad_calibration_argument():
+    with pytest.raises(TypeError, match="calibration"):
+        distq.quantize_tree(_params(), distq.Scalar(bits=4), calibration=_apply)
+    with pytest.raises(ValueError, match="damp"):
+        calibrate.Calibration(damp=-1.0)
