@@ -18,6 +18,7 @@ from .scalar import quantize as quantize
 from . import tree as tree
 from . import nn as nn
 from . import calibrate as calibrate
+from . import export as export
 from . import checkpoint as checkpoint
 from .checkpoint import load as load
 from .checkpoint import save as save
