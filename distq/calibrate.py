@@ -49,12 +49,17 @@ class Calibration:
       act_order: visit inputs in decreasing order of ``diag(H)``.
       refit: after rounding, refit the codebook levels to the rounded codes by least squares on
         the layer's output error (a small linear system per leaf).
+      sequential: quantise the leaves in the order the forward pass meets them, each one on the
+        activations produced by the leaves already quantised (so later layers compensate for
+        earlier layers' errors); runs the traced forward op by op. Otherwise every Gram matrix
+        comes from the float model in one compiled pass.
     """
 
     damp: float = 0.01
     block: int = 128
     act_order: bool = True
     refit: bool = True
+    sequential: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.damp < 10.0:
@@ -86,10 +91,13 @@ def _gram(x: jax.Array, axis: int) -> jax.Array:
 class _Interpreter:
     """Evaluates a jaxpr, collecting the Gram matrix of the input of each tracked matrix."""
 
-    def __init__(self, n_leaves: int, wanted: Sequence[bool]):
+    def __init__(self, n_leaves: int, wanted: Sequence[bool], on_meet: Callable | None = None):
         self.wanted = wanted
         self.grams: dict[tuple[int, int], jax.Array] = {}
         self.count: dict[tuple[int, int], int] = {}
+        # sequential mode: on_meet(leaf, axis, H) -> dequantised leaf, used from then on
+        self.on_meet = on_meet
+        self.replaced: dict[int, jax.Array] = {}
 
     def run(self, jaxpr, consts, args, tags):
         env: dict[Any, Any] = {}
@@ -120,7 +128,7 @@ class _Interpreter:
                     outs, outtags = eqn.primitive.bind(*invals, **eqn.params), None
             else:
                 if name == "dot_general":
-                    self._dot(eqn, invals, intags)
+                    invals = self._dot(eqn, invals, intags)
                 outs = eqn.primitive.bind(*invals, **eqn.params)
                 outtags = self._propagate(eqn, intags)
             if not eqn.primitive.multiple_results:
@@ -153,7 +161,8 @@ class _Interpreter:
     def _dot(self, eqn, invals, intags):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         if lb or rb or len(lc) != 1:
-            return
+            return invals
+        invals = list(invals)
         for side in (0, 1):
             t = intags[side]
             if t is None or intags[1 - side] is not None:
@@ -164,10 +173,19 @@ class _Interpreter:
             c_param = (lc, rc)[side][0]
             c_act = (lc, rc)[1 - side][0]
             key = (leaf, perm[c_param])
+            if self.on_meet is not None:
+                if leaf not in self.replaced:
+                    h = _gram(invals[1 - side], c_act)
+                    self.replaced[leaf] = self.on_meet(leaf, perm[c_param], h)
+                if self.replaced[leaf] is not None:
+                    invals[side] = jnp.transpose(self.replaced[leaf], perm).astype(
+                        invals[side].dtype)
+                continue
             g = _gram(invals[1 - side], c_act)
             self.grams[key] = self.grams[key] + g if key in self.grams else g
             n = int(np.prod(invals[1 - side].shape)) // invals[1 - side].shape[c_act]
             self.count[key] = self.count.get(key, 0) + n
+        return invals
 
 
 def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
@@ -177,21 +195,9 @@ def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
     Returns ``{path: (contracted_axis, H)}`` for leaves met in matrix products along a single,
     consistent axis (a leaf met along both axes, e.g. a tied embedding, is left out).
     """
-    if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2
-            and callable(calibration[0])):
-        raise TypeError("calibration must be (apply_fn, args) with apply_fn(params, *args)")
-    apply_fn, args = calibration
-    if not isinstance(args, (tuple, list)):
-        args = (args,)
-    leaves, treedef = jax.tree_util.tree_flatten(
-        params, is_leaf=lambda x: hasattr(x, "dequantize"))
+    leaves, args, closed = _flat_trace(params, calibration)
     if len(leaves) != len(paths):
         raise ValueError("calibration: parameter tree changed while quantising")
-
-    def flat_fn(leaves, *a):
-        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), *a)
-
-    closed = jax.make_jaxpr(flat_fn)(leaves, *args)
     n_args = len(jax.tree_util.tree_leaves(args))
     wanted = [bool(w) and getattr(x, "ndim", 0) == 2 for w, x in zip(wanted, leaves)]
 
@@ -213,6 +219,48 @@ def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
         if len(ax) == 1:
             out[paths[leaf]] = (ax[0], found[(leaf, ax[0])])
     return out
+
+
+def _flat_trace(params, calibration):
+    if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2
+            and callable(calibration[0])):
+        raise TypeError("calibration must be (apply_fn, args) with apply_fn(params, *args)")
+    apply_fn, args = calibration
+    if not isinstance(args, (tuple, list)):
+        args = (args,)
+    leaves, treedef = jax.tree_util.tree_flatten(
+        params, is_leaf=lambda x: hasattr(x, "dequantize"))
+
+    def flat_fn(leaves, *a):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), *a)
+
+    closed = jax.make_jaxpr(flat_fn)(leaves, *args)
+    return leaves, tuple(args), closed
+
+
+def quantize_sequential(params, calibration, paths: Sequence[str], specs: Sequence[Any],
+                        options: Calibration | None = None) -> dict[str, Any]:
+    """Quantises the matrix leaves in the order the forward pass meets them (see
+    :class:`Calibration`'s ``sequential``); returns ``{path: quantised leaf}`` for the leaves met.
+    """
+    opts = options or Calibration()
+    leaves, args, closed = _flat_trace(params, calibration)
+    if len(leaves) != len(paths):
+        raise ValueError("calibration: parameter tree changed while quantising")
+    wanted = [s is not None and getattr(x, "ndim", 0) == 2 for s, x in zip(specs, leaves)]
+    done: dict[str, Any] = {}
+
+    def on_meet(leaf, axis, h):
+        q = quantize_calibrated(leaves[leaf], specs[leaf], (axis, h), opts)
+        done[paths[leaf]] = q
+        return q.dequantize(jnp.float32) if hasattr(q, "dequantize") else None
+
+    interp = _Interpreter(len(leaves), wanted, on_meet)
+    tags = [(i, (0, 1)) if wanted[i] else None for i in range(len(leaves))]
+    flat_args = jax.tree_util.tree_leaves(args)
+    interp.run(closed.jaxpr, closed.consts, list(leaves) + flat_args,
+               tags + [None] * len(flat_args))
+    return done
 
 
 # ------------------------------------------------------------------------------ GPTQ rounding
@@ -352,4 +400,4 @@ def output_error(x, xq, h) -> float:
     return float(jnp.trace(d @ h @ d.T) / jnp.trace(x @ h @ x.T))
 
 
-__all__ = ["Calibration", "collect", "quantize_calibrated", "output_error"]
+__all__ = ["Calibration", "collect", "quantize_calibrated", "quantize_sequential", "output_error"]

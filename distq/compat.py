@@ -35,6 +35,7 @@ from . import _numerics as nx
 from . import bitpack
 from . import distributions as D
 from . import search as S
+from ._quantitize import CompressionReport, Quantitized, compression_report, quantitize  # noqa: F401
 
 _ALIGN = 64  # XLA:CPU aliases host buffers aligned to this many bytes instead of copying them
 _FUSED_MAX_LEVELS = 32

@@ -399,12 +399,19 @@ def quantize_tree(
         spec, _ = matcher(path, leaf)
         specs.append(spec)
 
-    calib = None
+    calib, done = None, {}
     if calibration is not None:
         from . import calibrate as _cal
 
-        calib = _cal.collect(params, calibration, [p for p, _ in leaves],
-                             [s is not None for s in specs], calibration_options)
+        opts = calibration_options or _cal.Calibration()
+        eligible = [s if (s is not None and _is_float(x) and not is_quantized(x)) else None
+                    for s, (_, x) in zip(specs, leaves)]
+        if opts.sequential:
+            done = _cal.quantize_sequential(params, calibration, [p for p, _ in leaves],
+                                            eligible, opts)
+        else:
+            calib = _cal.collect(params, calibration, [p for p, _ in leaves],
+                                 [s is not None for s in eligible], opts)
 
     out, reports = [], []
     for i, ((path, leaf), spec) in enumerate(zip(leaves, specs)):
@@ -423,7 +430,10 @@ def quantize_tree(
             reports.append(LeafReport(path, None, shape, dtype, before, before, None, note))
             continue
         try:
-            if calib is not None and path in calib:
+            if path in done:
+                q = done[path]
+                note = "calibrated"
+            elif calib is not None and path in calib:
                 from . import calibrate as _cal
 
                 q = _cal.quantize_calibrated(leaf, spec, calib[path], calibration_options)

@@ -98,22 +98,24 @@ def test_gptq_matches_numpy_reference(block):
     np.testing.assert_array_equal(cb2, cb)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("spec", [distq.Scalar(bits=3, dist="gaussian"),
                                   distq.Uniform(bits=4, axis=-1), distq.NF4(group_size=16)])
-def test_calibrated_tree_has_lower_output_error_on_held_out_data(spec):
+def test_calibrated_tree_has_lower_output_error_on_held_out_data(spec, sequential):
     p = _params()
     x, xt = _data(1), _data(2)
     rules = [(r".*(kernel|weight)", spec)]
     q, _ = distq.quantize_tree(p, rules)
-    qc, rep = distq.quantize_tree(p, rules, calibration=(_apply, (x,)))
+    qc, rep = distq.quantize_tree(p, rules, calibration=(_apply, (x,)),
+                                  calibration_options=calibrate.Calibration(sequential=sequential))
     assert [r.note for r in rep.quantized()] == ["calibrated", "calibrated"]
     y = _apply(p, xt)
     e0 = float(jnp.mean((_apply(distq.dequantize_tree(q), xt) - y) ** 2))
     e1 = float(jnp.mean((_apply(distq.dequantize_tree(qc), xt) - y) ** 2))
     assert e1 < 0.7 * e0, (e0, e1)
     # the grid (scales, locations) is the spec's own: only codes (and refitted levels) change
-    for leaf in ("l1", "l2"):
-        a, b = jax.tree.leaves(q[leaf])[0], jax.tree.leaves(qc[leaf])[0]
+    for leaf, name in (("l1", "kernel"), ("l2", "weight")):
+        a, b = q[leaf][name], qc[leaf][name]
         assert a.bits == b.bits and a.layout == b.layout
         np.testing.assert_array_equal(a.scale, b.scale)
         assert distq.tree_nbytes(q[leaf]) == distq.tree_nbytes(qc[leaf])
@@ -136,5 +138,8 @@ def test_calibration_with_a_flax_module():
 def test_bad_calibration_argument():
     with pytest.raises(TypeError, match="calibration"):
         distq.quantize_tree(_params(), distq.Scalar(bits=4), calibration=_apply)
+    with pytest.raises(TypeError, match="calibration"):
+        distq.quantize_tree(_params(), distq.Scalar(bits=4), calibration=_apply,
+                            calibration_options=calibrate.Calibration(sequential=False))
     with pytest.raises(ValueError, match="damp"):
         calibrate.Calibration(damp=-1.0)
