@@ -82,6 +82,11 @@ def _sub_jaxpr(eqn):
     return None
 
 
+def _bind(eqn, invals):
+    """Applies an equation's primitive (custom-derivative primitives need their bind params)."""
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
 def _gram(x: jax.Array, axis: int) -> jax.Array:
     x = jnp.moveaxis(x, axis, -1)
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
@@ -125,11 +130,11 @@ class _Interpreter:
                 if n_extra == 0:
                     outs, outtags = self.run(inner, inner_consts, invals, intags)
                 else:  # unexpected calling convention: evaluate without looking inside
-                    outs, outtags = eqn.primitive.bind(*invals, **eqn.params), None
+                    outs, outtags = _bind(eqn, invals), None
             else:
                 if name == "dot_general":
                     invals = self._dot(eqn, invals, intags)
-                outs = eqn.primitive.bind(*invals, **eqn.params)
+                outs = _bind(eqn, invals)
                 outtags = self._propagate(eqn, intags)
             if not eqn.primitive.multiple_results:
                 outs = [outs]

@@ -377,11 +377,16 @@ def _fit_codebook(zsorted: dict, weights: dict, spec: Scalar, n: int):
 
 
 def _fit_bucket(size: int, fit_size: int) -> int:
-    """The padded length of a fitting sample of ``size`` values: a power of two (>= 1024) or
-    ``fit_size``, so that tensors of many shapes share one compiled search-and-refine."""
+    """The padded length of a fitting sample of ``size`` values: ``2**16``, ``2**18``, ``2**20``,
+    ... (or ``fit_size``), so that tensors of many shapes share one compiled search-and-refine
+    (the padding carries zero weight and costs little: the fit is O(levels log N) per candidate).
+    """
     if size >= fit_size:
         return fit_size
-    return min(max(1024, 1 << (size - 1).bit_length()), fit_size)
+    b = 1 << 16
+    while b < size:
+        b <<= 2
+    return min(b, fit_size)
 
 
 def _pad_sorted(zs: jax.Array, w: jax.Array | None, bucket: int):

@@ -135,6 +135,18 @@ def test_calibration_with_a_flax_module():
     assert e1 < 0.8 * e0, (e0, e1)
 
 
+@pytest.mark.parametrize("act", [jax.nn.relu, jax.nn.softplus, jax.nn.silu])
+def test_custom_derivative_activations(act):
+    p = {"w": jax.random.normal(jax.random.key(1), (16, 32)),
+         "v": jax.random.normal(jax.random.key(2), (32, 4))}
+    x = jax.random.normal(jax.random.key(3), (64, 16))
+    fn = lambda p, x: act(x @ p["w"]) @ p["v"]  # noqa: E731
+    for seq in (False, True):
+        _, rep = distq.quantize_tree(p, distq.Uniform(bits=4), calibration=(fn, (x,)),
+                                     calibration_options=calibrate.Calibration(sequential=seq))
+        assert [r.note for r in rep.leaves] == ["calibrated", "calibrated"]
+
+
 def test_bad_calibration_argument():
     with pytest.raises(TypeError, match="calibration"):
         distq.quantize_tree(_params(), distq.Scalar(bits=4), calibration=_apply)
