@@ -98,9 +98,17 @@ def test_gptq_matches_numpy_reference(block):
     np.testing.assert_array_equal(cb2, cb)
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-@pytest.mark.parametrize("spec", [distq.Scalar(bits=3, dist="gaussian"),
-                                  distq.Uniform(bits=4, axis=-1), distq.NF4(group_size=16)])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("spec,sequential", [
+    (distq.Scalar(bits=3, dist="gaussian"), False),
+    pytest.param(distq.Scalar(bits=3, dist="gaussian"), True, marks=_SLOW),
+    (distq.Uniform(bits=4, axis=-1), True),
+    pytest.param(distq.Uniform(bits=4, axis=-1), False, marks=_SLOW),
+    (distq.NF4(group_size=16), False),
+    pytest.param(distq.NF4(group_size=16), True, marks=_SLOW),
+])
 def test_calibrated_tree_has_lower_output_error_on_held_out_data(spec, sequential):
     p = _params()
     x, xt = _data(1), _data(2)
@@ -125,7 +133,7 @@ def test_calibration_with_a_flax_module():
     model = nn.Sequential([nn.Dense(64), nn.gelu, nn.Dense(8)])
     x, xt = _data(3, d=16), _data(4, d=16)
     variables = model.init(jax.random.key(0), x)
-    rules = [(r".*kernel", distq.Scalar(bits=2, dist="gaussian"))]
+    rules = [(r".*kernel", distq.Uniform(bits=3, axis=-1))]
     q, _ = distq.quantize_tree(variables, rules)
     qc, rep = distq.quantize_tree(variables, rules, calibration=(model.apply, (x,)))
     assert sum(r.note == "calibrated" for r in rep.leaves) == 2

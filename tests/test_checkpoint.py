@@ -28,7 +28,7 @@ def _qtree():
         "count": 7,
         "lr": 0.5,
     }
-    rules = [(r"embed", distq.PQ(m=4, bits=5)), (r"layers/0/kernel", distq.Scalar(bits=3, axis=-1)),
+    rules = [(r"embed", distq.PQ(m=4, bits=5)), (r"layers/0/kernel", distq.Scalar(bits=3, axis=-1, dist="gaussian")),
              (r"layers/1/kernel", distq.Uniform(bits=4, symmetric=False, group_size=8)),
              (r"layers/0/bias", distq.Cast("bfloat16")), (r"norm/0", distq.NF4(group_size=8))]
     return distq.quantize_tree(params, rules)

@@ -53,7 +53,7 @@ def test_non_float_leaves_kept_with_note_and_unused_rules_warned():
     p = _params()
     with pytest.warns(UserWarning, match="nothing_matches"):
         q, rep = distq.quantize_tree(p, [("nothing_matches", distq.Scalar()),
-                                         (".*", distq.Scalar(bits=3))])
+                                         (".*", distq.Uniform(bits=3))])
     assert q["step"] is p["step"]
     note = {r.path: r.note for r in rep.leaves}["step"]
     assert "not floating point" in note
@@ -61,7 +61,7 @@ def test_non_float_leaves_kept_with_note_and_unused_rules_warned():
     # quantising again keeps already-quantised leaves
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        q2, rep2 = distq.quantize_tree(q, distq.Scalar(bits=2))
+        q2, rep2 = distq.quantize_tree(q, distq.Uniform(bits=2))
     assert q2["dense"]["kernel"] is q["dense"]["kernel"]
     assert {r.path: r.note for r in rep2.leaves}["dense/kernel"] == "already quantised"
 
@@ -117,7 +117,8 @@ def test_cast_rule_is_mixed_precision():
 
 def test_dequantize_tree_jit_matches_eager_and_quantize_tree_under_jit():
     p = _params()
-    rules = [(r".*kernel", distq.Scalar(bits=4, axis=-1)), (r".*bias", distq.Uniform(bits=8))]
+    rules = [(r".*kernel", distq.Scalar(bits=4, axis=-1, dist="gaussian", beta=1.0)),
+             (r".*bias", distq.Uniform(bits=8))]
     q, _ = distq.quantize_tree(p, rules)
     a = distq.dequantize_tree(q)
     b = jax.jit(distq.dequantize_tree)(q)
@@ -140,9 +141,13 @@ def test_tree_nbytes_counts_packed_codes():
 
 
 # ---------------------------------------------------------------------------------- STE
-@pytest.mark.parametrize("spec", [distq.Scalar(bits=3), distq.Uniform(bits=4, axis=0),
-                                  distq.NF4(group_size=32), distq.Scalar(bits=2, group_size=16)])
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("spec,jit", [
+    (distq.Scalar(bits=3), False), pytest.param(distq.Scalar(bits=3), True, marks=pytest.mark.slow),
+    (distq.Uniform(bits=4, axis=0), False), (distq.Uniform(bits=4, axis=0), True),
+    (distq.NF4(group_size=32), True),
+    (distq.Scalar(bits=2, group_size=16, dist="gaussian", beta=1.5), True),
+    pytest.param(distq.Scalar(bits=2, group_size=16), True, marks=pytest.mark.slow),
+])
 def test_fake_quantize_forward_exact_and_gradient_masked(spec, jit):
     x = jax.random.normal(jax.random.key(2), (64, 32)) * 2.0
     f = lambda x: distq.fake_quantize(x, spec)  # noqa: E731
@@ -172,7 +177,7 @@ def test_fake_quantize_clips_only_outside_the_codebook():
 def test_fake_quantize_tree_with_masks_keeps_pruned_zero():
     p = _params()
     pruned, masks = distq.prune_magnitude(p, 0.5)
-    fq = distq.fake_quantize_tree(p, [(r".*kernel", distq.Scalar(bits=3, zero=0.0))], masks=masks)
+    fq = distq.fake_quantize_tree(p, [(r".*kernel", distq.Uniform(bits=3))], masks=masks)
     k = np.asarray(fq["dense"]["kernel"])
     assert np.all(k[~np.asarray(masks["dense"]["kernel"])] == 0)
     with pytest.raises(ValueError, match="PQ"):
