@@ -33,16 +33,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 import types
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import bitpack
+from . import bitpack, checkpoint
 from . import pq as P
 
 _FORMAT = "distq.Quantitized"
@@ -60,7 +58,6 @@ def _atomic_savez(path: str | os.PathLike, arrays: dict[str, Any], metadata: dic
     and then renamed over ``path``, so a crash never leaves a half-written file behind.
     bfloat16 arrays are stored as their uint16 bit patterns (NumPy's format has no bfloat16).
     """
-    path = Path(os.fspath(path))
     store, dtypes = {}, {}
     for name, a in arrays.items():
         a = np.asarray(a)
@@ -69,20 +66,7 @@ def _atomic_savez(path: str | os.PathLike, arrays: dict[str, Any], metadata: dic
         store[name] = a
     meta = dict(metadata, _dtypes=dtypes)
     store["metadata"] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **store)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    checkpoint.atomic_write(path, lambda f: np.savez(f, **store))
 
 
 def _read_npz(path: str | os.PathLike, fmt: str) -> tuple[dict[str, np.ndarray], dict]:

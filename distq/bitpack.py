@@ -560,6 +560,27 @@ def unpack(words: Any, bits: int, n: int, dtype: Any = None) -> jax.Array:
     return _unpack_impl(words, bits, n, dtype)
 
 
+def take(words: jax.Array, bits: int, pos: jax.Array) -> jax.Array:
+    """The codes at flat positions ``pos`` of a :func:`pack` stream, as int32.
+
+    Reads only the (at most two) words that hold each code, so a few rows of a large packed
+    matrix cost a few gathers instead of unpacking everything. Jittable; ``bits`` static.
+
+    Example:
+      >>> import numpy as np
+      >>> w = pack(np.arange(10, dtype=np.uint8) % 7, 3)
+      >>> take(w, 3, np.array([0, 6, 9])).tolist()
+      [0, 6, 2]
+    """
+    b = jnp.asarray(pos).astype(jnp.uint32) * jnp.uint32(bits)
+    w = (b >> 5).astype(jnp.int32)
+    sh = b & jnp.uint32(31)
+    lo = jnp.take(words, w, mode="clip") >> sh
+    nxt = jnp.take(words, w + 1, mode="fill", fill_value=0)
+    hi = jnp.where(sh == 0, jnp.uint32(0), nxt << ((jnp.uint32(32) - sh) & jnp.uint32(31)))
+    return ((lo | hi) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
+
+
 # --------------------------------------------------------------------------
 # distquant-compatible int64 layout, as uint32 [low, high] halves
 # --------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from jax.extend import core as jcore
 
 from . import _numerics as nx
 from . import bitpack
-from .qarray import QArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,13 +267,24 @@ def quantize_sequential(params, calibration, paths: Sequence[str], specs: Sequen
     return done
 
 
+def quantize_all(params, calibration, paths: Sequence[str], specs: Sequence[Any],
+                 options: Calibration | None = None) -> dict[str, Any]:
+    """Calibrated quantisation of every matrix leaf that a matrix product meets; returns
+    ``{path: quantised leaf}`` (``specs[i] is None``: leaf ``i`` is not wanted).
+
+    Sequential (:class:`Calibration`) or from the float model's Gram matrices in one pass.
+    """
+    opts = options or Calibration()
+    if opts.sequential:
+        return quantize_sequential(params, calibration, paths, specs, opts)
+    grams = collect(params, calibration, paths, [s is not None for s in specs], opts)
+    spec_of = dict(zip(paths, specs))
+    leaf_of = dict(zip(paths, jax.tree_util.tree_leaves(
+        params, is_leaf=lambda x: hasattr(x, "dequantize"))))
+    return {p: quantize_calibrated(leaf_of[p], spec_of[p], g, opts) for p, g in grams.items()}
+
+
 # ------------------------------------------------------------------------------ GPTQ rounding
-def _group_values(q: QArray, per_group: jax.Array) -> jax.Array:
-    g = q.layout.num_groups(q.shape)
-    rows = jnp.broadcast_to(per_group[:, None].astype(jnp.float32), (g, q.size // g))
-    return q.layout.from_rows(rows, q.shape)
-
-
 def _round_columns(w, hinv_u, scale, loc, codebook, block: int):
     """GPTQ on ``w`` (rows x cols, columns = inputs in processing order).
 
@@ -384,8 +394,8 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
     axis, h = gram
     x = jnp.asarray(x)
     q0 = quantize_leaf(x, spec)
-    scale = _group_values(q0, q0.scale)
-    loc = _group_values(q0, q0.loc) if q0.loc is not None else jnp.zeros(q0.shape, jnp.float32)
+    scale = q0.per_value(q0.scale)
+    loc = q0.per_value(q0.loc) if q0.loc is not None else jnp.zeros(q0.shape, jnp.float32)
     # columns = the contracted (input) axis
     t = (lambda a: a.T) if axis == 0 else (lambda a: a)
     codes, codebook = _gptq_jit(t(x.astype(jnp.float32)), h.astype(jnp.float32), t(scale),
@@ -405,4 +415,5 @@ def output_error(x, xq, h) -> float:
     return float(jnp.trace(d @ h @ d.T) / jnp.trace(x @ h @ x.T))
 
 
-__all__ = ["Calibration", "collect", "quantize_calibrated", "quantize_sequential", "output_error"]
+__all__ = ["Calibration", "collect", "quantize_all", "quantize_calibrated", "quantize_sequential",
+           "output_error"]

@@ -26,6 +26,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -140,6 +141,32 @@ def _report_json(report: TreeReport | None) -> str:
                        for r in report.leaves])
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Calls ``write(f)`` on a temporary file beside ``path``, then fsyncs and renames it over
+    ``path`` (and fsyncs the folder): readers see the old file or the new one, never a part."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover (platforms without directory fsync)
+        pass
+
+
 def save(path: str | os.PathLike, tree: Any, *, report: TreeReport | None = None,
          metadata: dict[str, str] | None = None) -> int:
     """Writes a (quantised) tree to ``path`` atomically; returns the file size in bytes.
@@ -188,28 +215,14 @@ def save(path: str | os.PathLike, tree: Any, *, report: TreeReport | None = None
             "sha256": _digest(index, tree_json, leaves_json, chunks)}
     header = json.dumps({**index, "__metadata__": meta}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=".distq-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover (platforms without directory fsync)
-        pass
+
+    def write(f):
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for c in chunks:
+            f.write(c)
+
+    atomic_write(path, write)
     return 8 + len(header) + offset
 
 

@@ -149,28 +149,6 @@ def _codes_unpacked(words: Array, bits: int, n: int, m: int) -> Array:
     return bitpack.unpack(words, bits, n * m, dtype=jnp.int32).reshape(n, m)
 
 
-def _codes_at(words: Array, bits: int, pos: Array) -> Array:
-    """Codes at flat positions ``pos`` of the packed stream; reads at most two words per code."""
-    b = pos.astype(jnp.uint32) * jnp.uint32(bits)
-    w = (b >> 5).astype(jnp.int32)
-    sh = b & jnp.uint32(31)
-    lo = jnp.take(words, w, mode="clip") >> sh
-    nxt = jnp.take(words, w + 1, mode="fill", fill_value=0)
-    hi = jnp.where(sh == 0, jnp.uint32(0), nxt << ((jnp.uint32(32) - sh) & jnp.uint32(31)))
-    return ((lo | hi) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
-
-
-def _decode(codes: Array, codebooks: Array, rotation: Array | None) -> Array:
-    """``(n, m)`` codes -> ``(n, D)`` vectors (``C_s[c[i, s]]`` concatenated, then ``R^T``)."""
-    n, m = codes.shape
-    _, k, ds = codebooks.shape
-    flat = (codes + jnp.arange(m, dtype=codes.dtype) * k).reshape(-1)
-    rows = jnp.take(codebooks.reshape(m * k, ds), flat, axis=0).reshape(n, m * ds)
-    if rotation is not None:
-        rows = rows @ rotation.astype(rows.dtype).T
-    return rows
-
-
 def _table_matmul(x: Array, codebooks: Array, codes: Array, precision) -> Array:
     """``x @ V.T`` for the ``(n, D)`` matrix ``V`` of PQ vectors, without building ``V``.
 
@@ -241,7 +219,7 @@ def _pq_product(x2: Array, codebooks: Array, codes: Array, rotation: Array | Non
         if rotation is not None:
             x2 = jnp.matmul(x2, rotation.astype(x2.dtype), precision=precision)
         return _table_matmul(x2, codebooks, codes, precision)
-    v = _decode(codes, codebooks, rotation)
+    v = _pq._decode_codes(codes, codebooks, rotation, codebooks.dtype)
     return lax.dot_general(x2, v, (((1,), (1,)), ((), ())), precision=precision)
 
 
@@ -322,7 +300,8 @@ class _PQBase(nnx.Module):
 
     def vectors(self) -> Array:
         """The decoded ``(num_vectors, vector_size)`` matrix of quantised vectors."""
-        return _decode(self.codes_unpacked(), self.codebooks[...], _value(self.rotation))
+        cb = self.codebooks[...]
+        return _pq._decode_codes(self.codes_unpacked(), cb, _value(self.rotation), cb.dtype)
 
     def as_pqarray(self) -> _pq.PQArray:
         """The vectors as a :class:`distq.pq.PQArray` (same arrays, nothing is copied)."""
@@ -553,11 +532,10 @@ class PQEmbed(_PQBase):
         valid = (idx >= 0) & (idx < n)
         idx = jnp.where(valid, idx, 0)
         pos = idx[:, None] * self.m + jnp.arange(self.m, dtype=jnp.int32)
-        codes = _codes_at(self.codes[...], self.bits, pos)
+        codes = bitpack.take(self.codes[...], self.bits, pos)
         dt = self._out_dtype()
         rot = _value(self.rotation)
-        rows = _decode(codes, self.codebooks[...].astype(dt), None if rot is None else
-                       rot.astype(dt))
+        rows = _pq._decode_codes(codes, self.codebooks[...], rot, dt)
         rows = jnp.where(valid[:, None], rows, jnp.nan)
         return rows.reshape(inputs.shape + (self.features,))
 

@@ -37,7 +37,7 @@ from jax import lax
 from . import _checks, bitpack
 from . import _numerics as nx
 from . import kmeans as km
-from .qarray import register_serialisation
+from .qarray import arrays_nbytes, register_serialisation
 
 _CODEBOOK_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -122,20 +122,6 @@ class PQ:
 
 
 # --------------------------------------------------------------------------- code helpers
-def _codes_at(words: jax.Array, bits: int, pos: jax.Array) -> jax.Array:
-    """Codes at flat positions ``pos`` of a dense bit stream (see :func:`distq.bitpack.pack`).
-
-    Reads the (at most two) words that hold each code, so a few rows cost a few gathers.
-    """
-    b = pos.astype(jnp.uint32) * jnp.uint32(bits)
-    w = (b >> 5).astype(jnp.int32)
-    sh = b & jnp.uint32(31)
-    lo = jnp.take(words, w, mode="clip") >> sh
-    hi_raw = jnp.take(words, w + 1, mode="fill", fill_value=0)
-    hi = jnp.where(sh == 0, jnp.uint32(0), hi_raw << ((jnp.uint32(32) - sh) & jnp.uint32(31)))
-    return ((lo | hi) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
-
-
 def _nearest_keyed(xt: jax.Array, c: jax.Array, half: jax.Array) -> jax.Array:
     """Nearest centroid of every column of ``xt`` in ONE reduction (for ``K <= 256``).
 
@@ -207,14 +193,15 @@ def _as_rows(x: Any, dim: int, name: str = "x") -> jax.Array:
     return x
 
 
-def _decode_codes(codes: jax.Array, codebooks: jax.Array, rotation: jax.Array | None) -> jax.Array:
-    """``(n, m)`` codes -> ``(n, D)`` float32 rows (un-rotated)."""
+def _decode_codes(codes: jax.Array, codebooks: jax.Array, rotation: jax.Array | None,
+                  dtype: Any = jnp.float32) -> jax.Array:
+    """``(n, m)`` codes -> ``(n, D)`` rows (un-rotated), computed in ``dtype``."""
     n, m = codes.shape
-    cb = codebooks.astype(jnp.float32)
-    rows = cb[jnp.arange(m)[None, :], codes]  # (n, m, ds)
-    rows = rows.reshape(n, -1)
+    _, k, ds = codebooks.shape
+    flat = (codes + jnp.arange(m, dtype=codes.dtype) * k).reshape(-1)
+    rows = jnp.take(codebooks.astype(dtype).reshape(m * k, ds), flat, axis=0).reshape(n, m * ds)
     if rotation is not None:
-        rows = rows @ rotation.astype(jnp.float32).T
+        rows = rows @ rotation.astype(dtype).T
     return rows
 
 
@@ -289,11 +276,7 @@ class PQArray:
     @property
     def nbytes(self) -> int:
         """True storage: packed code words + codebooks (+ rotation)."""
-        total = 0
-        for a in (self.codes, self.codebooks, self.rotation):
-            if a is not None:
-                total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-        return total
+        return arrays_nbytes(self.codes, self.codebooks, self.rotation)
 
     @property
     def bits_per_value(self) -> float:
@@ -314,7 +297,7 @@ class PQArray:
         """Codes ``(len(rows), m)`` of some rows, read straight from the packed words."""
         rows = jnp.asarray(rows, jnp.int32)
         pos = rows[..., None] * self.m + jnp.arange(self.m, dtype=jnp.int32)
-        return _codes_at(self.codes, self.bits, pos)
+        return bitpack.take(self.codes, self.bits, pos)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The ``(N, D)`` decoded matrix, in the original dtype (or ``dtype``)."""

@@ -67,6 +67,12 @@ class Layout:
         return jnp.transpose(permuted, np.argsort(perm))
 
 
+def arrays_nbytes(*arrays) -> int:
+    """Bytes stored by the given arrays (``None`` ones count 0)."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays
+               if a is not None)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
@@ -116,11 +122,7 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """True storage in bytes: packed codes + codebook + scales + locations."""
-        total = 0
-        for a in (self.codes, self.codebook, self.scale, self.loc):
-            if a is not None:
-                total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-        return total
+        return arrays_nbytes(self.codes, self.codebook, self.scale, self.loc)
 
     @property
     def bits_per_value(self) -> float:
@@ -132,6 +134,12 @@ class QArray:
         g = self.layout.num_groups(self.shape)
         c = bitpack.unpack(self.codes, self.bits, self.size)
         return c.reshape(g, -1)
+
+    def per_value(self, per_group: jax.Array) -> jax.Array:
+        """A per-group vector (like ``scale``) broadcast to every value, in ``shape``."""
+        g = self.layout.num_groups(self.shape)
+        rows = jnp.broadcast_to(per_group.astype(jnp.float32)[:, None], (g, self.size // g))
+        return self.layout.from_rows(rows, self.shape)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Decodes to a dense array of the original shape and dtype (or ``dtype``)."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _checks
 from . import pq as _pq
-from .qarray import QArray
+from .qarray import QArray, arrays_nbytes
 from .scalar import NF4, Scalar, Uniform
 from .scalar import quantize as _quantize_scalar
 
@@ -78,7 +78,7 @@ class CastArray:
 
     @property
     def nbytes(self) -> int:
-        return self.size * np.dtype(self.value.dtype).itemsize
+        return arrays_nbytes(self.value)
 
     @property
     def bits_per_value(self) -> float:
@@ -305,7 +305,7 @@ def leaf_nbytes(leaf) -> int:
     if is_quantized(leaf):
         return int(leaf.nbytes)
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        return arrays_nbytes(leaf)
     if isinstance(leaf, (bool, int, float, complex, np.generic)):
         return np.asarray(leaf).nbytes
     return 0
@@ -399,19 +399,14 @@ def quantize_tree(
         spec, _ = matcher(path, leaf)
         specs.append(spec)
 
-    calib, done = None, {}
+    done = {}
     if calibration is not None:
         from . import calibrate as _cal
 
-        opts = calibration_options or _cal.Calibration()
         eligible = [s if (s is not None and _is_float(x) and not is_quantized(x)) else None
                     for s, (_, x) in zip(specs, leaves)]
-        if opts.sequential:
-            done = _cal.quantize_sequential(params, calibration, [p for p, _ in leaves],
-                                            eligible, opts)
-        else:
-            calib = _cal.collect(params, calibration, [p for p, _ in leaves],
-                                 [s is not None for s in eligible], opts)
+        done = _cal.quantize_all(params, calibration, [p for p, _ in leaves], eligible,
+                                 calibration_options)
 
     out, reports = [], []
     for i, ((path, leaf), spec) in enumerate(zip(leaves, specs)):
@@ -432,11 +427,6 @@ def quantize_tree(
         try:
             if path in done:
                 q = done[path]
-                note = "calibrated"
-            elif calib is not None and path in calib:
-                from . import calibrate as _cal
-
-                q = _cal.quantize_calibrated(leaf, spec, calib[path], calibration_options)
                 note = "calibrated"
             else:
                 q = quantize_leaf(leaf, spec, jax.random.fold_in(key, i))
@@ -465,13 +455,6 @@ def dequantize_tree(qtree, dtype: Any = None):
 
 
 # ---------------------------------------------------------------------------------- STE
-def _group_map(q: QArray, per_group: jax.Array) -> jax.Array:
-    """Broadcasts a per-group vector of ``q`` to ``q.shape``."""
-    g = q.layout.num_groups(q.shape)
-    rows = jnp.broadcast_to(per_group[:, None], (g, q.size // g))
-    return q.layout.from_rows(rows, q.shape)
-
-
 def representable_range(q: QArray) -> tuple[jax.Array, jax.Array]:
     """Per element, the smallest and largest value ``q``'s codebook can reproduce."""
     s = q.scale.astype(jnp.float32)
@@ -480,7 +463,7 @@ def representable_range(q: QArray) -> tuple[jax.Array, jax.Array]:
     lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
     if q.loc is not None:
         lo, hi = lo + q.loc.astype(jnp.float32), hi + q.loc.astype(jnp.float32)
-    return _group_map(q, lo), _group_map(q, hi)
+    return q.per_value(lo), q.per_value(hi)
 
 
 def fake_quantize(x: jax.Array, spec, clip: bool = True) -> jax.Array:

@@ -843,45 +843,42 @@ def summary(results: dict, ks=(2, 4, 8, 16)) -> str:
     allk = list(cfg["ks"])
     ks = [k for k in ks if k in allk]
     lines = []
+
+    def baseline_rows(err: dict) -> list:
+        """The histogram and small-sample Lloyd-Max rows of one error kind."""
+        rows = [(f"histogram 2^{int(math.log2(b))}", err[f"hist:{b}"]["mean"])
+                for b in cfg["hist_bins"]]
+        return rows + [(f"Lloyd-Max 2^{int(math.log2(s))} samples", err[f"lloyd:{s}"]["mean"])
+                       for s in cfg["lloyd_train"]]
+
+    def ratio_rows(ref_label: str, mn, rows) -> list[str]:
+        """The reference line, then each row as ``value (value / reference)`` at ``ks``."""
+        out = [f"| {ref_label} | " + " | ".join(f"{mn[allk.index(k)]:.3g}" for k in ks) + " |"]
+        for lab, vals in rows:
+            cells = []
+            for k in ks:
+                i = allk.index(k)
+                cells.append(f"{vals[i]:.3g} ({vals[i] / mn[i]:.2f})" if i < len(vals) else "-")
+            out.append(f"| {lab} | " + " | ".join(cells) + " |")
+        return out
+
     for name in cfg["inputs"]:
         r = results["inputs"][name]
         lines.append(f"\n## {TITLES[name]}: mean |error| (ratio to minimal)")
         head = "| quantiser | " + " | ".join(f"k={k}" for k in ks) + " |"
         lines += [head, "|" + "---|" * (len(ks) + 1)]
         mn = r["min_l1"]
-        lines.append("| minimal (high-rate) | " + " | ".join(f"{mn[allk.index(k)]:.3g}"
-                                                             for k in ks) + " |")
         rows = [(lab, r["l1"][v]["mean"]) for v, lab in L1_VARIANTS]
-        rows += [(f"histogram 2^{int(math.log2(b))}", r["l1"][f"hist:{b}"]["mean"])
-                 for b in cfg["hist_bins"]]
-        rows += [(f"Lloyd-Max 2^{int(math.log2(s))} samples", r["l1"][f"lloyd:{s}"]["mean"])
-                 for s in cfg["lloyd_train"]]
-        for lab, vals in rows:
-            cells = []
-            for k in ks:
-                i = allk.index(k)
-                cells.append(f"{vals[i]:.3g} ({vals[i] / mn[i]:.2f})" if i < len(vals) else "-")
-            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        lines += ratio_rows("minimal (high-rate)", mn, rows + baseline_rows(r["l1"]))
         lines.append(f"\n## {TITLES[name]}: mean squared error (ratio to Panter-Dite)")
         lines += [head, "|" + "---|" * (len(ks) + 1)]
         mn = r["min_mse"]
-        lines.append("| Panter-Dite | " + " | ".join(f"{mn[allk.index(k)]:.3g}" for k in ks)
-                     + " |")
         rows = [(f"{f} p=2", r["mse"]["p2:" + f]["mean"]) for f in MSE_FAMILIES]
         if "p0:cauchy" in r["mse"]:
             rows.append(("cauchy_cdf p=0, beta for MSE", r["mse"]["p0:cauchy"]["mean"]))
         own = OWN_L1[name]
         rows.append((f"{own} (paper, beta for abs. error)", r["mse"]["p1:" + own]["mean"]))
-        rows += [(f"histogram 2^{int(math.log2(b))}", r["mse"][f"hist:{b}"]["mean"])
-                 for b in cfg["hist_bins"]]
-        rows += [(f"Lloyd-Max 2^{int(math.log2(s))} samples", r["mse"][f"lloyd:{s}"]["mean"])
-                 for s in cfg["lloyd_train"]]
-        for lab, vals in rows:
-            cells = []
-            for k in ks:
-                i = allk.index(k)
-                cells.append(f"{vals[i]:.3g} ({vals[i] / mn[i]:.2f})" if i < len(vals) else "-")
-            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        lines += ratio_rows("Panter-Dite", mn, rows + baseline_rows(r["mse"]))
         lib = r.get("library")
         if lib:
             for key, lab in (("scalar_p2", "distq.Scalar(p=2, refine=False)"),

@@ -200,7 +200,7 @@ def test_codes_at_reads_packed_stream(bits, seed):
     codes = rng.integers(0, 1 << bits, 40).astype(np.uint32)
     words = np_pack(codes, bits)
     pos = rng.permutation(40)
-    np.testing.assert_array_equal(N._codes_at(jnp.asarray(words), bits, jnp.asarray(pos)),
+    np.testing.assert_array_equal(distq.bitpack.take(jnp.asarray(words), bits, jnp.asarray(pos)),
                                   codes[pos])
 
 

@@ -47,6 +47,7 @@ except ImportError as e:  # pragma: no cover - the gensim extra installs it
     raise ImportError("distq.integrations.gensim needs gensim (pip install 'distq[gensim]')") from e
 
 from .. import _quantitize as _qz
+from .. import bitpack
 from .. import pq as P
 
 _FORMAT = "distq.CompressedKeyedVectors"
@@ -86,7 +87,7 @@ def _cosine_topk(arr: P.PQArray, queries, n, *, k, block):
         rows = b * block + jnp.arange(block, dtype=jnp.int32)
         valid = rows < n
         rows = jnp.minimum(rows, n - 1)
-        codes = P._codes_at(arr.codes, bits, rows[:, None] * m + cols[None, :])  # (block, m)
+        codes = bitpack.take(arr.codes, bits, rows[:, None] * m + cols[None, :])  # (block, m)
         acc = P._gather_sum(tab, codes)  # (block, nq + 1)
         s = acc[:, :nq] * lax.rsqrt(jnp.maximum(acc[:, nq:], 1e-30))
         s = jnp.where(valid[:, None], s, -jnp.inf).T  # (nq, block)
