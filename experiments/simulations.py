@@ -175,37 +175,39 @@ def prepare(x: np.ndarray) -> Sorted:
 
 
 # ------------------------------------------------------------------------------------ errors
-def _errors_prefix(d: Sorted, t: np.ndarray, lv: np.ndarray):
-    """(mean |e|, mean e^2) of interval quantisers ``t`` (..., n-1) / ``lv`` (..., n), batched.
-
-    A value ``x`` falls in interval ``#(t <= x)`` (as ``distq`` and the reference encode).
-    """
+def _cells(d: Sorted, t: np.ndarray, lv: np.ndarray):
+    """Start/end indices (b0, b1) in ``d.xs`` of the cells of thresholds ``t``, batched."""
     b = np.searchsorted(d.xs, t, side="left")
     lead = lv.shape[:-1] + (1,)
     b0 = np.concatenate([np.zeros(lead, b.dtype), b], axis=-1)
     b1 = np.concatenate([b, np.full(lead, d.m, b.dtype)], axis=-1)
-    mid = np.clip(np.searchsorted(d.xs, lv, side="left"), b0, b1)
-    p1 = d.p1
-    above = (p1[b1] - p1[mid]) - lv * (b1 - mid)
-    below = lv * (mid - b0) - (p1[mid] - p1[b0])
-    l1 = (above + below).sum(axis=-1) / d.m
-    s1 = p1[b1] - p1[b0]
-    s2 = d.p2[b1] - d.p2[b0]
-    mse = (s2 - 2.0 * lv * s1 + lv * lv * (b1 - b0)).sum(axis=-1) / d.m
-    return l1, mse
+    return b0, b1
 
 
-def _l1_prefix(d: Sorted, t: np.ndarray, lv: np.ndarray) -> np.ndarray:
-    """Mean |e| only, by prefix sums, batched (accurate in float64 for any ``n``: no squares)."""
-    b = np.searchsorted(d.xs, t, side="left")
-    lead = lv.shape[:-1] + (1,)
-    b0 = np.concatenate([np.zeros(lead, b.dtype), b], axis=-1)
-    b1 = np.concatenate([b, np.full(lead, d.m, b.dtype)], axis=-1)
+def _l1_cells(d: Sorted, lv: np.ndarray, b0: np.ndarray, b1: np.ndarray) -> np.ndarray:
+    """Mean |e| of levels ``lv`` over cells ``[b0, b1)`` by prefix sums."""
     mid = np.clip(np.searchsorted(d.xs, lv, side="left"), b0, b1)
     p1 = d.p1
     above = (p1[b1] - p1[mid]) - lv * (b1 - mid)
     below = lv * (mid - b0) - (p1[mid] - p1[b0])
     return (above + below).sum(axis=-1) / d.m
+
+
+def _errors_prefix(d: Sorted, t: np.ndarray, lv: np.ndarray):
+    """(mean |e|, mean e^2) of interval quantisers ``t`` (..., n-1) / ``lv`` (..., n), batched.
+
+    A value ``x`` falls in interval ``#(t <= x)`` (as ``distq`` and the reference encode).
+    """
+    b0, b1 = _cells(d, t, lv)
+    s1 = d.p1[b1] - d.p1[b0]
+    s2 = d.p2[b1] - d.p2[b0]
+    mse = (s2 - 2.0 * lv * s1 + lv * lv * (b1 - b0)).sum(axis=-1) / d.m
+    return _l1_cells(d, lv, b0, b1), mse
+
+
+def _l1_prefix(d: Sorted, t: np.ndarray, lv: np.ndarray) -> np.ndarray:
+    """Mean |e| only, by prefix sums, batched (accurate in float64 for any ``n``: no squares)."""
+    return _l1_cells(d, lv, *_cells(d, t, lv))
 
 
 def _errors_direct(d: Sorted, t: np.ndarray, lv: np.ndarray):
