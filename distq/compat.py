@@ -81,6 +81,7 @@ def _encode_int64_fused(x, t, lv, k):
     comparisons accumulate the code, and the distance to its level, so no gather is needed.
     Outputs are elementwise (no reduction inside the fusion: XLA:CPU's reduction emitter does
     not vectorise heavy producers), the final sum of the per-word errors happens on the host.
+    Used for widths that do not divide 32 (a field may straddle the two halves of a word).
     """
     per = 64 // k
     size = x.shape[0]
@@ -110,17 +111,96 @@ def _encode_int64_fused(x, t, lv, k):
     return lo, hi, err
 
 
-@functools.partial(jax.jit, static_argnames=("dists", "n", "search", "zero", "packbits", "k"))
-def _run(x, beta, *, dists, n, search, zero, packbits, k):
-    """The whole reference pipeline for one tensor: stats, search, encode, error, pack."""
+def _words_u32(xv, t, k):
+    """``(rows, 32 // k)`` values -> one uint32 per row, first code most significant."""
+    per = xv.shape[1]
+    w = jnp.zeros(xv.shape[:1], jnp.uint32)
+    for j in range(per):
+        c = jnp.zeros_like(w)
+        for i in range(t.shape[0]):
+            c = c + (xv[:, j] >= t[i]).astype(jnp.uint32)
+        w = w | (c << (k * (per - 1 - j)))
+    return w
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _encode_u32(x, t, *, k):
+    """Widths dividing 32: the reference's int64 words as ``[low, high]`` uint32 pairs.
+
+    Each half holds ``32 // k`` codes, first code most significant; the input is padded to whole
+    int64 words with code 0. One pass over ``x``: each half compares its values with the
+    thresholds and sums the outcomes; on a little-endian host the result *is* the int64 array.
+    """
+    per, per64 = 32 // k, 64 // k
     size = x.shape[0]
-    # one pass over the data: sums of values shifted by the mean of a strided sample, so the
-    # shifted sums do not cancel (and a constant input gives exactly zero variance)
-    shift = jnp.mean(x[:: max(1, size // 4096)])
-    d = x - shift
-    s1, s2 = jnp.sum(d), jnp.sum(d * d)
-    mean = shift + s1 / size
-    std = jnp.sqrt(jnp.maximum(s2 - s1 * s1 / size, 0.0) / max(size - 1, 1))
+    padded = -(-size // per64) * per64
+    xp = jnp.pad(x, (0, padded - size), constant_values=-jnp.inf).reshape(-1, 2, per)
+    low, high = _words_u32(xp[:, 1], t, k), _words_u32(xp[:, 0], t, k)
+    return jnp.stack([low, high], axis=1).reshape(-1)
+
+
+@jax.jit
+def _sum(v):
+    return jnp.sum(v)
+
+
+def _select(values, bits):
+    """``values[int(bits)]`` for a list of ``2**len(bits)`` values, most significant bit first."""
+    if not bits:
+        return values[0]
+    half = len(values) // 2
+    return jnp.where(bits[0], _select(values[half:], bits[1:]), _select(values[:half], bits[1:]))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _abs_error_u32(x, words, lv, *, k):
+    """Per-word ``sum |x - lv[code]|`` of :func:`_encode_u32`'s words (levels by a select tree
+    on the code bits: no gather, no second threshold search)."""
+    per = 32 // k
+    size = x.shape[0]
+    n_words = words.shape[0]
+    xp = jnp.pad(x, (0, n_words * per - size), constant_values=lv[0])
+    xp = xp.reshape(-1, 2, per)[:, ::-1].reshape(n_words, per)  # [low, high] halves
+    levels = [lv[min(i, lv.shape[0] - 1)] for i in range(1 << k)]
+    err = jnp.zeros((n_words,), jnp.float32)
+    for j in range(per):
+        c = words >> (k * (per - 1 - j))
+        bits = [(c & (1 << b)) != 0 for b in range(k - 1, -1, -1)]
+        err = err + jnp.abs(xp[:, j] - _select(levels, bits))
+    return err
+
+
+@functools.partial(jax.jit, static_argnames=("k", "packbits"))
+def _encode_generic(x, t, lv, *, k, packbits):
+    if packbits and t.shape[0] < _FUSED_MAX_LEVELS:
+        lo, hi, err = _encode_int64_fused(x, t, lv, k)
+        return (lo, hi), err
+    codes = nx.bucketize(x, t)
+    err = jnp.abs(x - lv[codes])
+    return (bitpack.pack_int64_halves(codes, k) if packbits else codes), err
+
+
+@functools.partial(jax.jit, static_argnames=("dists", "n", "search", "zero"))
+def _run(x, beta, *, dists, n, search, zero):
+    """Statistics, the search, and the chosen codebook's thresholds and levels (encoding is a
+    separate computation, so the thresholds reach it as arrays, not as per-element work)."""
+    size = x.shape[0]
+    dof = max(size - 1, 1)
+    # plain sums first (one fast pass); when the mean is large against the spread they cancel,
+    # and the sums are redone on values shifted by the mean of a strided sample (slower: XLA:CPU
+    # does not fuse the shift into its vectorised reductions)
+    s1, s2 = jnp.sum(x), jnp.sum(x * x)
+    m = s1 / size
+    var = jnp.maximum(s2 - s1 * m, 0.0) / dof
+
+    def shifted(_):
+        shift = jnp.mean(x[:: max(1, size // 4096)])
+        d = x - shift
+        t1, t2 = jnp.sum(d), jnp.sum(d * d)
+        return shift + t1 / size, jnp.maximum(t2 - t1 * t1 / size, 0.0) / dof
+
+    mean, var = jax.lax.cond(m * m <= 1e-2 * var, lambda _: (m, var), shifted, None)
+    std = jnp.sqrt(var)
     finite = jnp.isfinite(mean) & jnp.isfinite(std)
     # constant input (distquant divides by zero here): scale 0 and location = the value itself,
     # so every level, and so every decoded value, is exactly that value
@@ -141,16 +221,26 @@ def _run(x, beta, *, dists, n, search, zero, packbits, k):
         row = col = jnp.int32(0)
     t, lv = cands.codebooks(row, beta)
     lv = _snap_zero(lv, zero)
-    if packbits and n <= _FUSED_MAX_LEVELS:
-        # materialise the thresholds first so the loop does not recompute them per element
-        t, lv = jax.lax.optimization_barrier((t, lv))
-        lo, hi, err = _encode_int64_fused(x, t, lv, k)
-        out = (lo, hi)
+    return t, lv, row, col, offs[row], muls[row], finite
+
+
+def _encode(x, t, lv, k: int, packbits: bool):
+    """(NumPy int64 words or codes, summed absolute error)."""
+    if packbits and 32 % k == 0 and t.shape[0] < _FUSED_MAX_LEVELS:
+        words = _encode_u32(x, t, k=k)
+        q = np.asarray(words).view(np.int64)  # little-endian [low, high] pairs
+        return q, float(_sum(_abs_error_u32(x, words, lv, k=k)))
     else:
-        codes = nx.bucketize(x, t)
-        err = jnp.abs(x - lv[codes])
-        out = bitpack.pack_int64_halves(codes, k) if packbits else codes
-    return out, err, row, col, offs[row], muls[row], finite
+        out, err = _encode_generic(x, t, lv, k=k, packbits=packbits)
+        if packbits and isinstance(out, tuple):
+            q = np.empty((out[0].shape[0], 2), np.uint32)
+            q[:, 0], q[:, 1] = np.asarray(out[0]), np.asarray(out[1])
+            q = bitpack.int64_from_halves(q)
+        elif packbits:
+            q = bitpack.int64_from_halves(np.asarray(out))
+        else:
+            q = np.asarray(out).astype(np.int64)
+    return q, float(np.sum(np.asarray(err), dtype=np.float64))
 
 
 def quantize(
@@ -217,15 +307,10 @@ def quantize(
         n -= 1  # odd n: the middle level is exactly `zero` (distquant asserts odd n here)
     codes_bits = max(1, math.ceil(math.log2(n)))
 
-    out, err, row, col, loc, scale, finite = _run(
-        jax.device_put(flat),  # zero-copy: `flat` is 64-byte aligned
-        jnp.float32(1.0 if beta is None else beta),
-        dists=dists,
-        n=n,
-        search=beta is None,
+    x = jax.device_put(flat)  # zero-copy: `flat` is 64-byte aligned
+    t, lv, row, col, loc, scale, finite = _run(
+        x, jnp.float32(1.0 if beta is None else beta), dists=dists, n=n, search=beta is None,
         zero=zero,
-        packbits=bool(packbits),
-        k=codes_bits,
     )
     if not bool(finite):
         bad = int(np.sum(~np.isfinite(flat)))
@@ -236,14 +321,9 @@ def quantize(
     row = int(row)
     if beta is None:  # report the grid value itself, as the reference does
         beta = S.beta_grid(dists[row].family)[int(col)]
-    if packbits and isinstance(out, tuple):
-        q = np.empty((out[0].shape[0], 2), np.uint32)
-        q[:, 0], q[:, 1] = np.asarray(out[0]), np.asarray(out[1])
-        q = bitpack.int64_from_halves(q)
-    elif packbits:
-        q = bitpack.int64_from_halves(np.asarray(out))
-    else:
-        q = np.asarray(out).astype(np.int64).reshape(shape)
+    q, abs_error = _encode(x, t, lv, codes_bits, bool(packbits))
+    if not packbits:
+        q = q.reshape(shape)
     info = {
         "dist": names[row],
         "scale": float(scale),
@@ -251,7 +331,7 @@ def quantize(
         "n": n,
         "packbits": bool(packbits),
         "beta": float(beta),
-        "abs_error": float(np.sum(np.asarray(err), dtype=np.float64) / flat.size),
+        "abs_error": abs_error / flat.size,
         "shape": list(shape),
         "n_elems": int(flat.size),
         "k": codes_bits,

@@ -168,3 +168,33 @@ def test_abs_error_matches_dequantize():
         q, info = compat.quantize(x, k=k, dist="logistic")
         err = float(np.mean(np.abs(compat.dequantize(q, **info) - x)))
         assert math.isclose(err, info["abs_error"], rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("size", [1, 7, 16, 17, 40_001])
+def test_word_kernel_matches_distquant_any_length(k, size):
+    """Widths dividing 32 are packed by the two-half word kernel: every length (padding of the
+    last int64 word included) must give distquant's words, and the error must match decoding."""
+    x = (0.3 + 1.7 * np.random.default_rng(size + k).standard_normal(size)).astype(np.float32)
+    q, info = compat.quantize(x, k=k, dist="gaussian", beta=1.0)
+    assert q.dtype == np.int64 and q.shape == (math.ceil(size / (64 // k)),)
+    if size == 1:  # a constant input (distquant divides by a zero std here)
+        assert compat.dequantize(q, **info).tolist() == x.tolist()
+    else:
+        q_ref, _ = _ref(x, k=k, dist="gaussian", beta=1.0)
+        assert np.mean(q == q_ref.numpy()) >= 0.999
+        err = float(np.mean(np.abs(compat.dequantize(q, **info) - x)))
+        assert math.isclose(err, info["abs_error"], rel_tol=1e-4, abs_tol=1e-7)
+
+
+def test_statistics_with_a_large_mean():
+    """A mean far above the spread takes the shifted-sums branch: the scale stays accurate."""
+    rng = np.random.default_rng(3)
+    x = (1e4 + 0.5 * rng.standard_normal(100_000)).astype(np.float32)
+    _, info = compat.quantize(x, k=4, dist="gaussian", beta=1.0)
+    x64 = x.astype(np.float64)
+    assert math.isclose(info["loc"], x64.mean(), rel_tol=1e-6)
+    assert math.isclose(info["scale"], x64.std(ddof=1), rel_tol=1e-3)
+    y = (0.01 + rng.standard_normal(100_000)).astype(np.float32)  # the fast branch
+    _, info = compat.quantize(y, k=4, dist="gaussian", beta=1.0)
+    assert math.isclose(info["scale"], y.astype(np.float64).std(ddof=1), rel_tol=1e-5)
