@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from . import pq as _pq
-from .qarray import QArray
+from .qarray import QARRAY_FIELDS, QArray
 from .tree import CastArray, TreeReport, spec_str
 
 FORMAT = "distq"
@@ -49,7 +49,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
-_LEAF_TYPES = {"qarray": (QArray, ("codes", "codebook", "scale", "loc")),
+_LEAF_TYPES = {"qarray": (QArray, QARRAY_FIELDS),
                "pqarray": (_pq.PQArray, ("codes", "codebooks", "rotation")),
                "castarray": (CastArray, ("value",))}
 _MAX_HEADER = 1 << 28

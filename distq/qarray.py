@@ -6,7 +6,8 @@ with ``jax.tree_util``) so it passes through ``jax.jit``, ``jax.tree.map`` and `
 array fields are the leaves and the metadata is static (hashable) auxiliary data.
 
 A scalar-quantised value decodes as ``loc[g] + scale[g] * codebook[code]`` where ``g`` is the
-value's scaling group (see :class:`Layout`).
+value's scaling group (see :class:`Layout`). Optionally a few values (outliers) are kept apart:
+their standardised values replace ``codebook[code]`` at their positions.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class QArray:
       bits: bits per code; ``n``: codebook size (``<= 2**bits``).
       method: "distributional", "uniform", "nf4", ... (informational).
       layout: the grouping, a :class:`Layout`.
+      outlier_index: bit-packed positions (in the ``(groups, group_len)`` row order, each
+        :meth:`index_bits` wide) of values kept apart, or ``None``.
+      outlier_value: their standardised values ``(x - loc) / scale`` (float16), or ``None``.
+      n_outliers: how many values are kept apart.
 
     Examples:
       >>> import jax, distq
@@ -109,6 +114,9 @@ class QArray:
     n: int = dataclasses.field(metadata=dict(static=True))
     method: str = dataclasses.field(metadata=dict(static=True))
     layout: Layout = dataclasses.field(default=Layout(), metadata=dict(static=True))
+    outlier_index: jax.Array | None = None
+    outlier_value: jax.Array | None = None
+    n_outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     # ---------------------------------------------------------------- array-like properties
     @property
@@ -121,8 +129,18 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed codes + codebook + scales + locations."""
-        return arrays_nbytes(self.codes, self.codebook, self.scale, self.loc)
+        """True storage in bytes: packed codes + codebook + scales + locations + outliers."""
+        return arrays_nbytes(self.codes, self.codebook, self.scale, self.loc,
+                             self.outlier_index, self.outlier_value)
+
+    @property
+    def index_bits(self) -> int:
+        """Bits per stored outlier position: enough to address every value."""
+        return max(1, (self.size - 1).bit_length())
+
+    def outlier_positions(self) -> jax.Array:
+        """Positions of the outliers in the flattened ``(groups, group_len)`` row order."""
+        return unpack_positions(self.outlier_index, self.index_bits, self.n_outliers)
 
     @property
     def bits_per_value(self) -> float:
@@ -144,6 +162,10 @@ class QArray:
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Decodes to a dense array of the original shape and dtype (or ``dtype``)."""
         rows = self.codebook[self.codes_unpacked().astype(jnp.int32)]
+        if self.n_outliers:
+            idx = self.outlier_positions().astype(jnp.int32)
+            rows = rows.reshape(-1).at[idx].set(self.outlier_value.astype(jnp.float32))
+            rows = rows.reshape(self.layout.num_groups(self.shape), -1)
         rows = rows * self.scale.astype(jnp.float32)[:, None]
         if self.loc is not None:
             rows = rows + self.loc.astype(jnp.float32)[:, None]
@@ -156,7 +178,9 @@ class QArray:
     def __repr__(self) -> str:
         return (
             f"QArray(shape={self.shape}, dtype={self.dtype}, method={self.method!r}, "
-            f"bits={self.bits}, n={self.n}, layout={self.layout.kind}, nbytes={self.nbytes})"
+            f"bits={self.bits}, n={self.n}, layout={self.layout.kind}, "
+            + (f"outliers={self.n_outliers}, " if self.n_outliers else "")
+            + f"nbytes={self.nbytes})"
         )
 
     # ---------------------------------------------------------------- serialisation
@@ -173,6 +197,7 @@ class QArray:
                 "axes": list(self.layout.axes),
                 "group_size": self.layout.group_size,
             },
+            "outliers": self.n_outliers,
         }
 
     @classmethod
@@ -192,6 +217,9 @@ class QArray:
                 method=str(metadata["method"]),
                 layout=Layout(str(lay["kind"]), tuple(int(a) for a in lay["axes"]),
                               None if lay["group_size"] is None else int(lay["group_size"])),
+                outlier_index=_optional(arrays.get("outlier_index")),
+                outlier_value=_optional(arrays.get("outlier_value")),
+                n_outliers=int(metadata.get("outliers", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupt QArray metadata or arrays: {e!r}") from None
@@ -212,6 +240,51 @@ class QArray:
             raise ValueError(f"QArray scale/loc must have shape ({g},)")
         if self.codebook.shape != (self.n,) or self.n > (1 << self.bits):
             raise ValueError(f"QArray.codebook must have shape ({self.n},), n <= 2**bits")
+        k = self.n_outliers
+        if k < 0 or k > self.size or (k > 0) != (self.outlier_index is not None) or (
+                (k > 0) != (self.outlier_value is not None)):
+            raise ValueError(f"QArray has {k} outliers but outlier arrays do not match")
+        if k:
+            words = position_words(k, self.index_bits)
+            if self.outlier_index.dtype != jnp.uint32 or self.outlier_index.shape != (words,):
+                raise ValueError(f"QArray.outlier_index must be {words} uint32 words")
+            if self.outlier_value.shape != (k,):
+                raise ValueError(f"QArray.outlier_value must have shape ({k},)")
+
+
+def _split_bits(bits: int) -> tuple[int, int]:
+    return min(bits, 16), max(bits - 16, 0)
+
+
+def position_words(k: int, bits: int) -> int:
+    """uint32 words that :func:`pack_positions` uses for ``k`` positions of ``bits`` bits."""
+    lo, hi = _split_bits(bits)
+    return sum(bitpack.packed_nbytes(k, b) // 4 for b in (lo, hi) if b)
+
+
+def pack_positions(idx: jax.Array, bits: int) -> jax.Array:
+    """Packs non-negative positions of up to 32 bits densely (a 16-bit stream of low bits,
+    then a stream of the ``bits - 16`` high bits when needed)."""
+    lo, hi = _split_bits(bits)
+    idx = idx.astype(jnp.uint32)
+    parts = [bitpack.pack(idx & 0xFFFF if hi else idx, lo)]
+    if hi:
+        parts.append(bitpack.pack(idx >> 16, hi))
+    return jnp.concatenate(parts)
+
+
+def unpack_positions(words: jax.Array, bits: int, k: int) -> jax.Array:
+    """Inverse of :func:`pack_positions`."""
+    lo, hi = _split_bits(bits)
+    n_lo = bitpack.packed_nbytes(k, lo) // 4
+    idx = bitpack.unpack(words[:n_lo], lo, k).astype(jnp.uint32)
+    if hi:
+        idx = idx | (bitpack.unpack(words[n_lo:], hi, k).astype(jnp.uint32) << 16)
+    return idx
+
+
+def _optional(a):
+    return None if a is None else jnp.asarray(a)
 
 
 def is_qarray(x: Any) -> bool:
@@ -237,7 +310,8 @@ def register_serialisation(cls, fields: tuple[str, ...]):
     return lambda state: from_state(None, state)
 
 
-_from_state_dict = register_serialisation(QArray, ("codes", "codebook", "scale", "loc"))
+QARRAY_FIELDS = ("codes", "codebook", "scale", "loc", "outlier_index", "outlier_value")
+_from_state_dict = register_serialisation(QArray, QARRAY_FIELDS)
 
 
 def from_state_dict(state: dict) -> QArray:

@@ -32,7 +32,7 @@ from . import _numerics as nx
 from . import bitpack
 from . import distributions as D
 from . import search as S
-from .qarray import Layout, QArray
+from .qarray import Layout, QArray, pack_positions
 
 Axis = Union[int, tuple[int, ...], None]
 _OBJECTIVES = ("mse", "mae")
@@ -105,6 +105,12 @@ class Scalar:
       fit_size: at most this many values (a strided sample) are sorted to search and refine the
         codebook; the search and refinement cost ``O(fit_size log fit_size)`` once.
       scale_dtype: storage dtype of per-group scales and locations.
+      outliers: fraction (``0 < outliers <= 0.25``) of the values, those farthest from their
+        group's centre in standardised units, kept apart: their positions (bit-packed, as wide
+        as the tensor needs) and standardised values (float16) are stored beside the codes, and
+        the codebook is fitted on the other values only. Each costs ``16 + ceil(log2 size)``
+        bits; on heavy-tailed weights 0.5 % of them buys much more than those bits would as
+        codes. ``None``: no outliers.
 
     Examples:
       >>> import jax, distq
@@ -129,9 +135,15 @@ class Scalar:
     robust: bool = False
     fit_size: int = 1 << 22
     scale_dtype: str = "float32"
+    outliers: float | None = None
 
     def __post_init__(self):
         _resolve_bits_n(self.bits, self.n)
+        if self.outliers is not None and (
+                isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float))
+                or not 0 < self.outliers <= 0.25):
+            raise ValueError(f"outliers must be a fraction in (0, 0.25] or None, "
+                             f"got {self.outliers!r}")
         _checks.check_choice(self.objective, "objective", _OBJECTIVES)
         if self.dist is not None:
             D.parse_dist(self.dist, self.p)
@@ -151,6 +163,10 @@ class Scalar:
     @property
     def code_bits(self) -> int:
         return _resolve_bits_n(self.bits, self.n)[0]
+
+    def n_outliers(self, size: int) -> int:
+        """How many of ``size`` values are kept apart."""
+        return 0 if self.outliers is None else min(int(round(self.outliers * size)), size)
 
     @property
     def levels(self) -> int:
@@ -431,6 +447,15 @@ def _prepare_scalar(x: jax.Array, spec: Scalar):
         w_fit = _strided_sample(jnp.broadcast_to(
             (spread**2 if spec.objective == "mse" else spread)[:, None], rows.shape
         ).reshape(-1), spec.fit_size)
+    k = spec.n_outliers(g * length)
+    out_idx = None
+    if k:
+        # the k values farthest from their group's centre; the codebook is fitted without them
+        dev = jnp.abs((rows - centre[:, None]) / spread[:, None]).reshape(-1)
+        _, out_idx = jax.lax.top_k(dev, k)
+        keep = jnp.ones((g * length,), jnp.float32).at[out_idx].set(0.0)
+        keep = _strided_sample(keep, spec.fit_size)
+        w_fit = keep if w_fit is None else w_fit * keep
     bucket = _fit_bucket(min(g * length, spec.fit_size), spec.fit_size)
     for cls, loc in (("A", centre), ("B", loc0)):
         if cls not in classes:
@@ -442,12 +467,12 @@ def _prepare_scalar(x: jax.Array, spec: Scalar):
         else:
             zs, w = nx.sort_float(z, w_fit)
         zsorted[cls], weights[cls] = _pad_sorted(zs, w, bucket)
-    return (centre, spread, loc0, mx, const), zsorted, weights
+    return (centre, spread, loc0, mx, const, out_idx), zsorted, weights
 
 
 def _encode_scalar(x, spec: Scalar, stats, codebook, use_a) -> QArray:
     """Stage 3 (compiled per shape, cheap): codes against the fitted codebook."""
-    centre, spread, loc0, mx, const = stats
+    centre, spread, loc0, mx, const, out_idx = stats
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(x.astype(jnp.float32))
     loc = jnp.where(use_a, centre, loc0)
@@ -455,8 +480,15 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a) -> QArray:
     codes = nx.bucketize(z, 0.5 * (codebook[1:] + codebook[:-1]))
     scale = jnp.where(const, 0.0, spread)
     loc = jnp.where(const, mx, loc)
-    return _build(spec, x, codes, codebook, scale, loc, spec.code_bits, spec.levels,
-                  "distributional", layout)
+    q = _build(spec, x, codes, codebook, scale, loc, spec.code_bits, spec.levels,
+               "distributional", layout)
+    if out_idx is None:
+        return q
+    f16 = float(jnp.finfo(jnp.float16).max)
+    value = jnp.clip(z.reshape(-1)[out_idx], -f16, f16).astype(jnp.float16)
+    idx = out_idx.astype(jnp.uint32)
+    return dataclasses.replace(q, outlier_index=pack_positions(idx, q.index_bits),
+                               outlier_value=value, n_outliers=int(out_idx.shape[0]))
 
 
 # The three stages are compiled separately: the expensive one (search + Lloyd-Max, stage 2)

@@ -18,6 +18,7 @@ SPECS = {
     "scalar": distq.Scalar(bits=3, dist="gaussian", beta=1.0, axis=-1),
     "uniform": distq.Uniform(bits=8),
     "nf4": distq.NF4(),
+    "outliers": distq.Scalar(bits=3, axis=-1, outliers=0.02),
 }
 
 
@@ -36,6 +37,10 @@ def _same(a, b):
     assert (a.loc is None) == (b.loc is None)
     if a.loc is not None:
         np.testing.assert_array_equal(np.asarray(a.loc), np.asarray(b.loc))
+    for f in ("outlier_index", "outlier_value"):
+        assert (getattr(a, f) is None) == (getattr(b, f) is None)
+        if getattr(a, f) is not None:
+            np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
     assert a.metadata() == b.metadata()
     np.testing.assert_array_equal(np.asarray(a.dequantize()), np.asarray(b.dequantize()))
     np.testing.assert_array_equal(np.asarray(a.codes_unpacked()), np.asarray(b.codes_unpacked()))
@@ -44,7 +49,7 @@ def _same(a, b):
 # ------------------------------------------------------------------------------- pytree
 def test_leaves_are_the_arrays(q):
     leaves = jax.tree.leaves(q)
-    expected = [q.codes, q.codebook, q.scale] + ([] if q.loc is None else [q.loc])
+    expected = [getattr(q, f) for f in qa.QARRAY_FIELDS if getattr(q, f) is not None]
     assert len(leaves) == len(expected)
     for a, b in zip(leaves, expected):
         assert a is b
@@ -114,7 +119,7 @@ def test_is_qarray_as_is_leaf(q):
     np.testing.assert_array_equal(np.asarray(dense["b"]), np.ones(3))
     assert dense["nested"][1] == 1.5
     # without is_leaf the QArray is flattened into its arrays instead
-    n_arrays = 3 + (q.loc is not None)
+    n_arrays = sum(getattr(q, f) is not None for f in qa.QARRAY_FIELDS)
     assert len(jax.tree.leaves(tree)) == 2 * n_arrays + 2
 
 
@@ -162,8 +167,9 @@ def test_metadata_is_json():
 def _parts(q):
     arrays = {"codes": np.asarray(q.codes), "codebook": np.asarray(q.codebook),
               "scale": np.asarray(q.scale)}
-    if q.loc is not None:
-        arrays["loc"] = np.asarray(q.loc)
+    for f in ("loc", "outlier_index", "outlier_value"):
+        if getattr(q, f) is not None:
+            arrays[f] = np.asarray(getattr(q, f))
     return arrays, json.loads(json.dumps(q.metadata()))
 
 
@@ -235,3 +241,27 @@ def test_corrupt_state_dict_rejected(q):
         qa.from_state_dict(state)
     with pytest.raises(ValueError):
         serialization.from_state_dict(q, state)
+
+
+def test_outlier_corruption_rejected():
+    q = distq.quantize(X, SPECS["outliers"])
+    arrays, meta = _parts(q)
+    cases = []
+    a = dict(arrays)
+    a["outlier_index"] = arrays["outlier_index"][:-1]
+    cases.append((a, meta))
+    a = dict(arrays)
+    a["outlier_value"] = arrays["outlier_value"][:-1]
+    cases.append((a, meta))
+    a = dict(arrays)
+    del a["outlier_value"]
+    cases.append((a, meta))
+    m = json.loads(json.dumps(meta))
+    m["outliers"] = meta["outliers"] + 1
+    cases.append((arrays, m))
+    m = json.loads(json.dumps(meta))
+    m["outliers"] = 0
+    cases.append((arrays, m))
+    for arrays_c, meta_c in cases:
+        with pytest.raises(ValueError):
+            distq.QArray.from_arrays(arrays_c, meta_c)
