@@ -285,11 +285,13 @@ def quantize_all(params, calibration, paths: Sequence[str], specs: Sequence[Any]
 
 
 # ------------------------------------------------------------------------------ GPTQ rounding
-def _round_columns(w, hinv_u, scale, loc, codebook, block: int):
+def _round_columns(w, hinv_u, scale, loc, codebook, block: int, exact=None):
     """GPTQ on ``w`` (rows x cols, columns = inputs in processing order).
 
     ``hinv_u`` is the upper Cholesky factor of ``H^-1``; ``scale``/``loc`` are per element.
-    Returns the codes (rows x cols, int32).
+    ``exact`` (bool, per element) marks values stored apart (outliers): they keep their current,
+    error-compensated value instead of a code. Returns the codes (rows x cols, int32) and those
+    kept values (0 elsewhere).
     """
     rows, cols = w.shape
     mids = 0.5 * (codebook[1:] + codebook[:-1])
@@ -298,6 +300,7 @@ def _round_columns(w, hinv_u, scale, loc, codebook, block: int):
     w = jnp.pad(w, ((0, 0), (0, pad)))
     scale = jnp.pad(scale, ((0, 0), (0, pad)), constant_values=1.0)
     loc = jnp.pad(loc, ((0, 0), (0, pad)))
+    exact = jnp.zeros(w.shape, bool) if exact is None else jnp.pad(exact, ((0, 0), (0, pad)))
     u = jnp.pad(hinv_u, ((0, pad), (0, pad)))
     u = u + jnp.diag(jnp.concatenate([jnp.zeros(cols), jnp.ones(pad)]))
     safe = jnp.where(scale != 0, scale, 1.0)
@@ -312,27 +315,32 @@ def _round_columns(w, hinv_u, scale, loc, codebook, block: int):
         ub = jax.lax.dynamic_slice(u, (start, start), (block, block))
         sb = jax.lax.dynamic_slice(safe, (0, start), (rows, block))
         lb = jax.lax.dynamic_slice(loc, (0, start), (rows, block))
+        eb = jax.lax.dynamic_slice(exact, (0, start), (rows, block))
 
         def col_step(carry, j):
-            wb, codes, errs = carry
+            wb, codes, errs, kept = carry
             col = wb[:, j]
             code, qv = quant(col, sb[:, j], lb[:, j])
+            qv = jnp.where(eb[:, j], col, qv)
             err = (col - qv) / ub[j, j]
             upd = jnp.where(jnp.arange(block) > j, ub[j], 0.0)
             wb = wb - err[:, None] * upd[None, :]
-            return (wb, codes.at[:, j].set(code), errs.at[:, j].set(err)), None
+            kept = kept.at[:, j].set(jnp.where(eb[:, j], col, 0.0))
+            return (wb, codes.at[:, j].set(code), errs.at[:, j].set(err), kept), None
 
-        init = (wb, jnp.zeros((rows, block), jnp.int32), jnp.zeros((rows, block), w.dtype))
-        (wb, codes, errs), _ = jax.lax.scan(col_step, init, jnp.arange(block))
+        zeros = jnp.zeros((rows, block), w.dtype)
+        init = (wb, jnp.zeros((rows, block), jnp.int32), zeros, zeros)
+        (wb, codes, errs, kept), _ = jax.lax.scan(col_step, init, jnp.arange(block))
         # deferred update of every column after this block
         ur = jax.lax.dynamic_slice(u, (start, 0), (block, u.shape[1]))
         after = jnp.arange(u.shape[1]) >= start + block
         w = w - errs @ jnp.where(after[None, :], ur, 0.0)
-        return w, codes
+        return w, (codes, kept)
 
-    _, codes = jax.lax.scan(block_step, w, jnp.arange(nb))  # (nb, rows, block)
+    _, (codes, kept) = jax.lax.scan(block_step, w, jnp.arange(nb))  # (nb, rows, block)
     codes = jnp.transpose(codes, (1, 0, 2)).reshape(rows, nb * block)
-    return codes[:, :cols]
+    kept = jnp.transpose(kept, (1, 0, 2)).reshape(rows, nb * block)
+    return codes[:, :cols], kept[:, :cols]
 
 
 def _hinv_factor(h: jax.Array, damp: float):
@@ -346,11 +354,12 @@ def _hinv_factor(h: jax.Array, damp: float):
     return jnp.linalg.cholesky(hinv).T
 
 
-def _refit_levels(w, codes, scale, loc, h, n: int, codebook):
-    """Least-squares codebook given codes: minimise tr((W - W_hat) H (W - W_hat)^T)."""
+def _refit_levels(w, codes, scale, loc, h, n: int, codebook, exact, kept):
+    """Least-squares codebook given codes: minimise tr((W - W_hat) H (W - W_hat)^T)
+    (values kept apart are fixed at ``kept``)."""
     onehot = jax.nn.one_hot(codes, n, dtype=jnp.float32)  # rows, cols, n
-    a = onehot * scale[..., None]  # W_hat - loc = sum_k c_k A_k, A_k = a[..., k]
-    r = w - loc
+    a = onehot * jnp.where(exact, 0.0, scale)[..., None]  # W_hat - fixed = sum_k c_k A_k
+    r = w - jnp.where(exact, kept, loc)
     ah = jnp.einsum("rck,cd->rdk", a, h)  # (rows, cols, n)
     g = jnp.einsum("rdk,rdl->kl", ah, a)
     b = jnp.einsum("rdk,rd->k", ah, r)
@@ -363,17 +372,19 @@ def _refit_levels(w, codes, scale, loc, h, n: int, codebook):
     return jnp.where(ok, new, codebook)
 
 
-def _gptq(w, h, scale, loc, codebook, opts: Calibration):
+def _gptq(w, h, scale, loc, codebook, opts: Calibration, exact):
     cols = w.shape[1]
     order = jnp.argsort(-jnp.diag(h)) if opts.act_order else jnp.arange(cols)
     inv = jnp.argsort(order)
     hp = h[order][:, order]
     u = _hinv_factor(hp, opts.damp)
-    codes = _round_columns(w[:, order], u, scale[:, order], loc[:, order], codebook, opts.block)
-    codes = codes[:, inv]
+    codes, kept = _round_columns(w[:, order], u, scale[:, order], loc[:, order], codebook,
+                                 opts.block, exact[:, order])
+    codes, kept = codes[:, inv], kept[:, inv]
     if opts.refit:
-        codebook = _refit_levels(w, codes, scale, loc, h, codebook.shape[0], codebook)
-    return codes, codebook
+        codebook = _refit_levels(w, codes, scale, loc, h, codebook.shape[0], codebook, exact,
+                                 kept)
+    return codes, codebook, kept
 
 
 _gptq_jit = jax.jit(_gptq, static_argnums=5)
@@ -398,14 +409,28 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
     loc = q0.per_value(q0.loc) if q0.loc is not None else jnp.zeros(q0.shape, jnp.float32)
     # columns = the contracted (input) axis
     t = (lambda a: a.T) if axis == 0 else (lambda a: a)
-    codes, codebook = _gptq_jit(t(x.astype(jnp.float32)), h.astype(jnp.float32), t(scale),
-                                t(loc), q0.codebook, opts)
+    g = q0.layout.num_groups(q0.shape)
+    exact = jnp.zeros((q0.size,), bool)
+    if q0.n_outliers:  # outliers keep GPTQ's error-compensated value, not a code
+        pos = q0.outlier_positions().astype(jnp.int32)
+        exact = exact.at[pos].set(True)
+    exact = q0.layout.from_rows(exact.reshape(g, -1), q0.shape)
+    codes, codebook, kept = _gptq_jit(t(x.astype(jnp.float32)), h.astype(jnp.float32),
+                                      t(scale), t(loc), q0.codebook, opts, t(exact))
     codes = t(codes)
     if isinstance(spec, (Uniform, NF4)):  # their grids are fixed by definition
         codebook = q0.codebook
     rows = q0.layout.to_rows(codes.astype(jnp.uint32))
     packed = bitpack.pack(rows.reshape(-1), q0.bits)
-    return dataclasses.replace(q0, codes=packed, codebook=codebook.astype(q0.codebook.dtype))
+    q = dataclasses.replace(q0, codes=packed, codebook=codebook.astype(q0.codebook.dtype))
+    if not q0.n_outliers:
+        return q
+    kept_rows = q0.layout.to_rows(t(kept)).reshape(-1)[pos]
+    scale_rows = q0.layout.to_rows(scale).reshape(-1)[pos]
+    loc_rows = q0.layout.to_rows(loc).reshape(-1)[pos]
+    z = (kept_rows - loc_rows) / jnp.where(scale_rows != 0, scale_rows, 1.0)
+    f16 = float(jnp.finfo(jnp.float16).max)
+    return dataclasses.replace(q, outlier_value=jnp.clip(z, -f16, f16).astype(jnp.float16))
 
 
 def output_error(x, xq, h) -> float:

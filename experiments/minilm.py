@@ -68,6 +68,10 @@ ROWS = [
     ("int8 absmax, per output row", every_matrix(distq.Uniform(bits=8, axis=0)), False),
     ("scalar 4-bit, per tensor (Scalar(bits=4))", every_matrix(distq.Scalar(bits=4)), False),
     ("scalar 4-bit, per input column", every_matrix(distq.Scalar(bits=4, axis=1)), False),
+    ("scalar 4-bit + 0.5% outliers, per tensor",
+     every_matrix(distq.Scalar(bits=4, outliers=0.005)), False),
+    ("scalar 4-bit + 0.5% outliers, per input column (float16 scales)",
+     every_matrix(distq.Scalar(bits=4, axis=1, outliers=0.005, scale_dtype="float16")), False),
     ("int4 absmax, blocks of 64", every_matrix(distq.Uniform(bits=4, group_size=64)), False),
     ("NF4, blocks of 64", every_matrix(distq.NF4(group_size=64)), False),
     ("scalar 3-bit, per input column", every_matrix(distq.Scalar(bits=3, axis=1)), False),
@@ -83,6 +87,8 @@ ROWS = [
      mixed((6, 5), distq.PQ(m=128, bits=8), 5, axis=1), True),
     ("calibrated scalar 3-bit, per input column", every_matrix(distq.Scalar(bits=3, axis=1)),
      True),
+    ("calibrated scalar 4-bit + 0.5% outliers, per input column (float16 scales)",
+     every_matrix(distq.Scalar(bits=4, axis=1, outliers=0.005, scale_dtype="float16")), True),
 ]
 
 

@@ -91,8 +91,10 @@ def test_gptq_matches_numpy_reference(block):
     scale = np.full(w.shape, 0.7, np.float32)
     loc = np.full(w.shape, 0.1, np.float32)
     opts = calibrate.Calibration(block=block, act_order=False, refit=False)
-    codes, cb2 = calibrate._gptq(jnp.asarray(w), jnp.asarray(h), jnp.asarray(scale),
-                                 jnp.asarray(loc), jnp.asarray(cb), opts)
+    codes, cb2, kept = calibrate._gptq(jnp.asarray(w), jnp.asarray(h), jnp.asarray(scale),
+                                       jnp.asarray(loc), jnp.asarray(cb), opts,
+                                       jnp.zeros(w.shape, bool))
+    assert not np.asarray(kept).any()
     ref = _gptq_numpy(w, h, scale, loc, cb, opts.damp)
     assert np.mean(np.asarray(codes) == ref) > 0.99
     np.testing.assert_array_equal(cb2, cb)
@@ -163,3 +165,22 @@ def test_bad_calibration_argument():
                             calibration_options=calibrate.Calibration(sequential=False))
     with pytest.raises(ValueError, match="damp"):
         calibrate.Calibration(damp=-1.0)
+
+
+def test_gptq_keeps_outliers_exact_and_compensates_around_them():
+    """Outlier positions keep their (error-compensated) value: the calibrated output error is
+    no worse than without calibration, and far below calibration that ignored them."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, size=(48, 64)).astype(np.float32)
+    x = (rng.normal(size=(512, 64)) @ rng.normal(size=(64, 64))).astype(np.float32)
+    spec = distq.Scalar(bits=3, outliers=0.02)
+    h = jnp.asarray(x.T @ x)
+    q_plain = distq.quantize(w, spec)
+    q_cal = calibrate.quantize_calibrated(jnp.asarray(w), spec, (1, h))
+    assert q_cal.n_outliers == q_plain.n_outliers
+    np.testing.assert_array_equal(np.asarray(q_cal.outlier_index), np.asarray(q_plain.outlier_index))
+
+    def out_err(q):
+        return float(np.sum((x @ (np.asarray(q.dequantize()) - w).T) ** 2))
+
+    assert out_err(q_cal) < 0.7 * out_err(q_plain)
