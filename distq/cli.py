@@ -499,6 +499,7 @@ def _dry_run(tree, rules) -> int:
         elif not _is_float_dtype(leaf):
             note, spec = "not floating point: kept", None
         elif spec is not None:
+            spec = T.resolve_spec(spec, path, leaf)
             why = _problem(leaf, spec)
             if why:
                 note = f"PROBLEM: {why}"
@@ -552,6 +553,7 @@ def cmd_quantize(args) -> int:
         spec, _ = _match(rules, path)
         if (spec is not None and hasattr(leaf, "shape") and _is_float_dtype(leaf)
                 and not distq.is_quantized(leaf)):
+            spec = distq.tree.resolve_spec(spec, path, leaf)
             why = _problem(leaf, spec)
             if why:
                 raise CliError(f"leaf {path!r} (shape {tuple(leaf.shape)}) cannot take "

@@ -76,6 +76,24 @@ def _check_grouping(axis, group_size, group_axis) -> None:
         raise TypeError(f"group_axis must be an int or None, got {group_axis!r}")
 
 
+AUTO = "auto"
+
+
+def _np_dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else name
+
+
+def _input_axis(role: str | None, ndim: int) -> int | None:
+    """The input (contracted) axis of a weight of ``ndim`` by its framework's convention."""
+    if role == "kernel":
+        return ndim - 2
+    if role == "weight":
+        return 1
+    if role == "embedding":
+        return ndim - 1
+    return None
+
+
 def _check_scale_dtype(scale_dtype) -> None:
     _checks.check_choice(scale_dtype, "scale_dtype", _SCALE_DTYPES)
 
@@ -98,19 +116,23 @@ class Scalar:
       max_iter: iteration budget of the refinement.
       zero: a value that must be reproduced exactly (e.g. ``0.0`` for sparse weights); it becomes
         the location and one level sits on it, for any ``n``.
-      axis: per-channel scaling along these axes (e.g. ``-1`` for a Dense kernel's outputs).
+      axis: per-channel scaling along these axes (e.g. ``-1`` for a Dense kernel's outputs);
+        ``None`` one scale per tensor; ``"auto"`` (default): per tensor for a plain array, the
+        input channels of a model weight (see :meth:`resolve`).
       group_size: per-group scaling in blocks of this many values along ``group_axis``
         (``group_axis=None``: blocks of the flattened array).
       robust: median/MAD standardisation instead of mean/std (heavy tails, outliers).
       fit_size: at most this many values (a strided sample) are sorted to search and refine the
         codebook; the search and refinement cost ``O(fit_size log fit_size)`` once.
-      scale_dtype: storage dtype of per-group scales and locations.
+      scale_dtype: storage dtype of per-group scales and locations; ``"auto"``: float32, or
+        bfloat16 for the per-channel scales of a weight with codes of at most 6 bits.
       outliers: fraction (``0 < outliers <= 0.25``) of the values, those farthest from their
         group's centre in standardised units, kept apart: their positions (bit-packed, as wide
         as the tensor needs) and standardised values (float16) are stored beside the codes, and
         the codebook is fitted on the other values only. Each costs ``16 + ceil(log2 size)``
         bits; on heavy-tailed weights 0.5 % of them buys much more than those bits would as
-        codes. ``None``: no outliers.
+        codes. ``None``: no outliers; ``"auto"`` (default): none for a plain array, for a model
+        weight what is left of a ``bits / 16`` budget (see :meth:`resolve`).
 
     Examples:
       >>> import jax, distq
@@ -129,20 +151,20 @@ class Scalar:
     refine: bool = True
     max_iter: int = 2000
     zero: float | None = None
-    axis: Axis = None
+    axis: Axis | str = AUTO
     group_size: int | None = None
     group_axis: int | None = -1
     robust: bool = False
     fit_size: int = 1 << 22
-    scale_dtype: str = "float32"
-    outliers: float | None = None
+    scale_dtype: str = AUTO
+    outliers: float | str | None = AUTO
 
     def __post_init__(self):
         _resolve_bits_n(self.bits, self.n)
-        if self.outliers is not None and (
+        if self.outliers != AUTO and self.outliers is not None and (
                 isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float))
                 or not 0 < self.outliers <= 0.25):
-            raise ValueError(f"outliers must be a fraction in (0, 0.25] or None, "
+            raise ValueError(f"outliers must be a fraction in (0, 0.25], None or 'auto', "
                              f"got {self.outliers!r}")
         _checks.check_choice(self.objective, "objective", _OBJECTIVES)
         if self.dist is not None:
@@ -157,8 +179,10 @@ class Scalar:
             raise ValueError(f"max_iter must be a non-negative int, got {self.max_iter!r}")
         if not isinstance(self.fit_size, int) or self.fit_size < 16:
             raise ValueError(f"fit_size must be an int >= 16, got {self.fit_size!r}")
-        _check_grouping(self.axis, self.group_size, self.group_axis)
-        _check_scale_dtype(self.scale_dtype)
+        _check_grouping(None if self.axis == AUTO else self.axis, self.group_size,
+                        self.group_axis)
+        if self.scale_dtype != AUTO:
+            _check_scale_dtype(self.scale_dtype)
 
     @property
     def code_bits(self) -> int:
@@ -166,7 +190,63 @@ class Scalar:
 
     def n_outliers(self, size: int) -> int:
         """How many of ``size`` values are kept apart."""
-        return 0 if self.outliers is None else min(int(round(self.outliers * size)), size)
+        if self.outliers is None or self.outliers == AUTO:
+            return 0
+        return min(int(self.outliers * size), size)  # at most the fraction
+
+    def resolve(self, shape: tuple[int, ...], role: str | None = None) -> "Scalar":
+        """The concrete spec (no ``"auto"`` field) for an array of ``shape``.
+
+        ``role`` says what the array is: ``None`` for a plain array (an i.i.d. sample: one
+        scale per tensor, no outliers), or a model weight of ``ndim >= 2`` whose input (contracted)
+        axis follows a framework's convention: ``"kernel"`` (Flax: ``(..., in, out)``),
+        ``"weight"`` (PyTorch: ``(out, in, ...)``, and ``(vocab, features)`` embeddings),
+        ``"embedding"`` (Flax ``Embed``: ``(vocab, features)``) or ``"matrix"`` (unknown layout).
+        :func:`distq.quantize_tree` passes the role from the leaf's name. For a weight, the
+        automatic fields spend at most ``bits / 16`` extra bits per value: per-input-channel
+        scales (16-bit for codes of up to 6 bits) when they cost at most half of that, and the
+        rest on outliers (at most 1 %).
+        """
+        if AUTO not in (self.axis, self.outliers, self.scale_dtype):
+            return self
+        size = math.prod(shape)
+        weight = role is not None and len(shape) >= 2 and size > 0
+        budget = self.code_bits / 16.0
+        chan_dtype = ("bfloat16" if self.code_bits <= 6 else "float32") \
+            if self.scale_dtype == AUTO else self.scale_dtype
+        # bits per value beyond the codes: codebook, one scale and location, the last word
+        over = (32.0 * self.levels + 64 + 32) / size if size else 0.0
+        axis, chosen = self.axis, False
+        if axis == AUTO:
+            axis = None
+            a = _input_axis(role, len(shape)) if weight and self.group_size is None else None
+            if a is not None:
+                cost = (2 * np.dtype(_np_dtype(chan_dtype)).itemsize * 8 * shape[a] - 64) / size
+                if over + cost <= budget / 2:
+                    axis, chosen = a, True
+                    over += cost
+        elif axis is not None and weight:
+            axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+            if all(-len(shape) <= a < len(shape) for a in axes):  # else layout_for says why
+                bits = 16 if self.scale_dtype in ("float16", "bfloat16") else 32
+                over += 2 * bits * math.prod(shape[a] for a in axes) / size
+        scale_dtype = self.scale_dtype
+        if scale_dtype == AUTO:  # 16-bit scales only where distq chose the channels itself
+            scale_dtype = chan_dtype if chosen else "float32"
+        outliers = self.outliers
+        if outliers == AUTO:
+            outliers = None
+            if weight:
+                index_bits = max(1, (size - 1).bit_length())
+                # each outlier: a float16 value and its position; two words of padding
+                frac = (budget - over - 64.0 / size) / (16 + index_bits)
+                frac = min(frac, 0.01)
+                if frac > 0:  # three significant digits, rounded down: within the budget
+                    step = 10.0 ** (math.floor(math.log10(frac)) - 2)
+                    frac = math.floor(frac / step) * step
+                if frac > 0 and int(frac * size) >= 1:
+                    outliers = frac
+        return dataclasses.replace(self, axis=axis, outliers=outliers, scale_dtype=scale_dtype)
 
     @property
     def levels(self) -> int:
@@ -500,6 +580,7 @@ _encode_jit = jax.jit(_encode_scalar, static_argnums=1)
 
 
 def _quantize_scalar(x: jax.Array, spec: Scalar) -> QArray:
+    spec = spec.resolve(tuple(x.shape))
     stats, zsorted, weights = _prepare_jit(x, spec)
     codebook, use_a = _fit_jit(zsorted, weights, spec, spec.levels)
     return _encode_jit(x, spec, stats, codebook, use_a)

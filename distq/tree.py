@@ -327,6 +327,24 @@ def tree_nbytes(tree) -> int:
     return sum(leaf_nbytes(x) for x in leaves)
 
 
+_ROLES = ("kernel", "weight", "embedding")
+
+
+def leaf_role(path: str) -> str:
+    """What a parameter is, by its name: ``"kernel"`` (Flax Dense/Conv), ``"weight"`` (PyTorch
+    Linear/Conv/Embedding state dicts), ``"embedding"`` (Flax Embed) or ``"matrix"``."""
+    parts = [p for p in re.split(r"[/.]", path) if p not in ("value", "raw_value")]
+    name = parts[-1].lower() if parts else ""
+    return name if name in _ROLES else "matrix"
+
+
+def resolve_spec(spec, path: str, leaf):
+    """A Scalar spec's ``"auto"`` fields made concrete for a model weight at ``path``."""
+    if isinstance(spec, Scalar) and not is_quantized(leaf) and _is_float(leaf):
+        return spec.resolve(tuple(jnp.shape(leaf)), role=leaf_role(path))
+    return spec
+
+
 def quantize_leaf(x, spec, key: jax.Array | None = None):
     """Applies one spec to one array (the dispatcher :func:`quantize_tree` uses)."""
     if isinstance(spec, Cast):
@@ -397,7 +415,7 @@ def quantize_tree(
     specs = []
     for path, leaf in leaves:
         spec, _ = matcher(path, leaf)
-        specs.append(spec)
+        specs.append(resolve_spec(spec, path, leaf))
 
     done = {}
     if calibration is not None:
@@ -515,6 +533,7 @@ def fake_quantize_tree(params, rules: Rules, *, clip: bool = True, masks=None):
     out = []
     for path, leaf in leaves:
         spec, _ = matcher(path, leaf)
+        spec = resolve_spec(spec, path, leaf)
         if spec is None or is_quantized(leaf) or not _is_float(leaf):
             out.append(leaf)
         else:

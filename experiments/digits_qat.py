@@ -224,7 +224,7 @@ def pq_model(params, ds: int, bits: int, out_bits: int, key):
             k, p[name]["bias"], spec=spec, key=jax.random.fold_in(key, i)))
     hidden = nnx.Sequential(layers[0], relu, layers[1], relu)
     head, _ = distq.quantize_tree({"Dense_2": p["Dense_2"]},
-                                  [(KERNELS, distq.Scalar(bits=out_bits, axis=-1))])
+                                  [(KERNELS, distq.Scalar(bits=out_bits, axis=-1, outliers=None))])
     return hidden, head
 
 
@@ -285,7 +285,7 @@ def qat(floats, data, spec, steps, lr, distill: float | None, seed0, batch=128, 
 
 def prune_rows(floats, data, ratios, steps, lr, seed0, do_quant=True, batch=128):
     xtr, ytr, xte, yte = data
-    q4 = distq.Scalar(bits=4, zero=0.0)
+    q4 = distq.Scalar(bits=4, zero=0.0, axis=None, outliers=None)
     rows = []
     nbytes_f = distq.tree_nbytes(floats[0])
     run = make_trainer(lambda p, masks, x, y: xent(apply(p, x), y),
@@ -386,16 +386,16 @@ def main(argv=None) -> int:
     bits_list = [2] if quick else [8, 4, 3, 2]
     for k in bits_list:
         if not quick:
-            add("PTQ", f"Scalar(bits={k}) per tensor", ptq(floats, data, distq.Scalar(bits=k)))
+            add("PTQ", f"Scalar(bits={k}) per tensor", ptq(floats, data, distq.Scalar(bits=k, axis=None, outliers=None)))
         add("PTQ", f"Scalar(bits={k}, axis=-1) per channel",
-            ptq(floats, data, distq.Scalar(bits=k, axis=-1)))
+            ptq(floats, data, distq.Scalar(bits=k, axis=-1, outliers=None)))
         add("PTQ", f"Uniform(bits={k}, axis=-1) int absmax",
             ptq(floats, data, distq.Uniform(bits=k, axis=-1)))
         if k == 4 or quick:
             add("PTQ", "NF4(group_size=64)", ptq(floats, data, distq.NF4(group_size=64)))
     for k in ([2] if quick else [4, 3, 2]):
         add("PTQ calibrated", f"Scalar(bits={k}, axis=-1) + calibration ({N_CALIB} train images)",
-            ptq(floats, data, distq.Scalar(bits=k, axis=-1), calibrate=True))
+            ptq(floats, data, distq.Scalar(bits=k, axis=-1, outliers=None), calibrate=True))
 
     # (ds, code bits, output-layer scalar bits): about 3.7, 2.4, 1.5 and 0.8 bits per weight
     pq_cfg = [(2, 2, 2)] if quick else [(2, 4, 4), (1, 2, 2), (2, 2, 2), (2, 1, 2)]
@@ -403,9 +403,10 @@ def main(argv=None) -> int:
         rows.append(r)
         log(f"{r.group} | {r.method}: {fmt_acc(r.accs)} ({r.bits:.2f} b/w, {r.nbytes} B)")
 
-    qat_specs = [(distq.Scalar(bits=k, axis=-1), None) for k in bits_list]
+    qat_specs = [(distq.Scalar(bits=k, axis=-1, outliers=None), None) for k in bits_list]
     if not quick:
-        qat_specs += [(distq.Scalar(bits=2), None), (distq.Scalar(bits=2, axis=-1), 0.5)]
+        qat_specs += [(distq.Scalar(bits=2, axis=None, outliers=None), None),
+                      (distq.Scalar(bits=2, axis=-1, outliers=None), 0.5)]
     checks = []
     for spec, distill in qat_specs:
         steps = qat_steps[spec.bits]

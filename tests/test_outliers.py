@@ -87,7 +87,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
                                   np.asarray(tree["w"].dequantize()))
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 0.3, True, "auto", 1])
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 0.3, True, "all", 1])
 def test_bad_outlier_fraction(bad):
     with pytest.raises(ValueError, match="outliers"):
         distq.Scalar(bits=4, outliers=bad)
@@ -113,3 +113,62 @@ def test_positions_pack_round_trip(bits, k, seed):
     np.testing.assert_array_equal(back, idx)
     assert 4 * words.shape[0] <= math.ceil(k * min(bits, 16) / 32) * 4 + math.ceil(
         k * max(bits - 16, 0) / 32) * 4
+
+
+# ----------------------------------------------------------------------- automatic fields
+def test_plain_arrays_resolve_to_one_scale_and_no_outliers():
+    for shape in [(1_000_000,), (1000, 1000), (7,)]:
+        r = distq.Scalar(bits=4).resolve(shape)
+        assert (r.axis, r.outliers, r.scale_dtype) == (None, None, "float32")
+    x = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+    q = distq.quantize(x, distq.Scalar(bits=4))
+    assert q.layout.kind == "tensor" and q.n_outliers == 0
+    assert q.nbytes - (1 << 20) * 4 // 8 < 300  # k bits per value plus a few hundred bytes
+
+
+@pytest.mark.parametrize("role,shape,axis", [
+    ("kernel", (384, 1536), 0), ("kernel", (3, 3, 64, 128), 2), ("weight", (1536, 384), 1),
+    ("weight", (128, 64, 3, 3), 1), ("embedding", (30522, 384), 1), ("matrix", (512, 512), None),
+])
+def test_weights_get_input_channel_scales_by_convention(role, shape, axis):
+    r = distq.Scalar(bits=4).resolve(shape, role)
+    assert r.axis == axis
+    assert r.outliers is not None and 0 < r.outliers <= 0.01
+    assert r.scale_dtype == ("bfloat16" if axis is not None else "float32")
+
+
+@pytest.mark.parametrize("bits,role,shape", [
+    (2, "weight", (384, 384)), (4, "weight", (384, 1536)), (8, "kernel", (64, 64)),
+    (3, "kernel", (3, 3, 16, 32)), (4, "embedding", (5000, 64)), (6, "matrix", (200, 30)),
+    (4, "weight", (2, 384)), (8, "weight", (384, 384)), (4, "kernel", (64, 64)),
+])
+def test_automatic_fields_stay_within_bits_over_16(bits, role, shape):
+    """Everything beyond the codes fits in bits/16 per value, unless one per-tensor codebook
+    alone already costs more (tiny tensors): then nothing is added to it."""
+    x = _heavy(shape, seed=bits)
+    spec = distq.Scalar(bits=bits).resolve(shape, role)
+    q = distq.quantize(x, spec)
+    plain = distq.quantize(x, distq.Scalar(bits=bits, axis=None, outliers=None))
+    if plain.bits_per_value >= bits + bits / 16:
+        assert q.bits_per_value == plain.bits_per_value, (spec, q)
+    else:
+        assert q.bits_per_value <= bits + bits / 16 + 1e-9, (spec, q)
+
+
+def test_quantize_tree_default_on_heavy_tailed_weights():
+    rng = np.random.default_rng(11)
+    params = {"dense": {"kernel": jnp.asarray(rng.standard_t(3, (256, 512)), jnp.float32),
+                        "bias": jnp.zeros(512)},
+              "emb": {"embedding": jnp.asarray(rng.standard_t(4, (1000, 64)), jnp.float32)}}
+    spec = distq.Scalar(bits=4)
+    qtree, report = distq.quantize_tree(params, [(".*(kernel|embedding)", spec)])
+    k, e = qtree["dense"]["kernel"], qtree["emb"]["embedding"]
+    assert k.layout.axes == (0,) and k.n_outliers > 0 and e.layout.axes == (1,)
+    specs = {r.path: distq.tree.spec_str(r.spec) for r in report.leaves}
+    assert "axis=0" in specs["dense/kernel"] and "outliers=" in specs["dense/kernel"]
+    for path, q in [("dense/kernel", k), ("emb/embedding", e)]:
+        assert q.bits_per_value <= 4.25
+    w = np.asarray(params["dense"]["kernel"])
+    plain = distq.quantize(w, distq.Scalar(bits=4, axis=None, outliers=None))
+    err = lambda q: float(np.mean((np.asarray(q.dequantize()) - w) ** 2))  # noqa: E731
+    assert err(k) < 0.5 * err(plain)

@@ -795,7 +795,7 @@ _HYP_SPECS = [
 
 def _rows(x, spec):
     """(groups, group_len) view for per-tensor and last-axis channel layouts."""
-    if spec.axis is None:
+    if spec.axis in (None, "auto"):  # a plain array: "auto" is one scale per tensor
         return x.reshape(1, -1)
     return x.reshape(-1, x.shape[-1]).T
 
