@@ -35,6 +35,7 @@ from jax.extend import core as jcore
 
 from . import _numerics as nx
 from . import bitpack
+from .qarray import outlier_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,8 +430,7 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
     scale_rows = q0.layout.to_rows(scale).reshape(-1)[pos]
     loc_rows = q0.layout.to_rows(loc).reshape(-1)[pos]
     z = (kept_rows - loc_rows) / jnp.where(scale_rows != 0, scale_rows, 1.0)
-    f16 = float(jnp.finfo(jnp.float16).max)
-    return dataclasses.replace(q, outlier_value=jnp.clip(z, -f16, f16).astype(jnp.float16))
+    return dataclasses.replace(q, outlier_value=outlier_values(z))
 
 
 def output_error(x, xq, h) -> float:

@@ -283,6 +283,12 @@ def unpack_positions(words: jax.Array, bits: int, k: int) -> jax.Array:
     return idx
 
 
+def outlier_values(z: jax.Array) -> jax.Array:
+    """Standardised outlier values as stored: float16, clipped to its finite range."""
+    f16 = float(jnp.finfo(jnp.float16).max)
+    return jnp.clip(z, -f16, f16).astype(jnp.float16)
+
+
 def _optional(a):
     return None if a is None else jnp.asarray(a)
 

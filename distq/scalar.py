@@ -32,7 +32,7 @@ from . import _numerics as nx
 from . import bitpack
 from . import distributions as D
 from . import search as S
-from .qarray import Layout, QArray, pack_positions
+from .qarray import Layout, QArray, outlier_values, pack_positions
 
 Axis = Union[int, tuple[int, ...], None]
 _OBJECTIVES = ("mse", "mae")
@@ -564,11 +564,10 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a) -> QArray:
                "distributional", layout)
     if out_idx is None:
         return q
-    f16 = float(jnp.finfo(jnp.float16).max)
-    value = jnp.clip(z.reshape(-1)[out_idx], -f16, f16).astype(jnp.float16)
     idx = out_idx.astype(jnp.uint32)
     return dataclasses.replace(q, outlier_index=pack_positions(idx, q.index_bits),
-                               outlier_value=value, n_outliers=int(out_idx.shape[0]))
+                               outlier_value=outlier_values(z.reshape(-1)[out_idx]),
+                               n_outliers=int(out_idx.shape[0]))
 
 
 # The three stages are compiled separately: the expensive one (search + Lloyd-Max, stage 2)
