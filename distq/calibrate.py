@@ -426,10 +426,11 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
     q = dataclasses.replace(q0, codes=packed, codebook=codebook.astype(q0.codebook.dtype))
     if not q0.n_outliers:
         return q
-    kept_rows = q0.layout.to_rows(t(kept)).reshape(-1)[pos]
-    scale_rows = q0.layout.to_rows(scale).reshape(-1)[pos]
-    loc_rows = q0.layout.to_rows(loc).reshape(-1)[pos]
-    z = (kept_rows - loc_rows) / jnp.where(scale_rows != 0, scale_rows, 1.0)
+    grp = pos // (q0.size // g)  # each outlier's scaling group
+    scale_g = q0.scale.astype(jnp.float32)[grp]
+    loc_g = 0.0 if q0.loc is None else q0.loc.astype(jnp.float32)[grp]
+    kept = q0.layout.to_rows(t(kept)).reshape(-1)[pos]
+    z = (kept - loc_g) / jnp.where(scale_g != 0, scale_g, 1.0)
     return dataclasses.replace(q, outlier_value=outlier_values(z))
 
 

@@ -312,6 +312,8 @@ def quantize(
         x, jnp.float32(1.0 if beta is None else beta), dists=dists, n=n, search=beta is None,
         zero=zero,
     )
+    # the scalars in one device-to-host transfer
+    finite, row, col, loc, scale = jax.device_get((finite, row, col, loc, scale))
     if not bool(finite):
         bad = int(np.sum(~np.isfinite(flat)))
         raise ValueError(

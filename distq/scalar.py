@@ -79,19 +79,16 @@ def _check_grouping(axis, group_size, group_axis) -> None:
 AUTO = "auto"
 
 
-def _np_dtype(name: str):
-    return jnp.bfloat16 if name == "bfloat16" else name
+def _dtype_bits(name: str) -> int:
+    return 16 if name in ("float16", "bfloat16") else 32
 
 
-def _input_axis(role: str | None, ndim: int) -> int | None:
-    """The input (contracted) axis of a weight of ``ndim`` by its framework's convention."""
-    if role == "kernel":
-        return ndim - 2
-    if role == "weight":
-        return 1
-    if role == "embedding":
-        return ndim - 1
-    return None
+# the input (contracted) axis of a weight of rank ``ndim``, by its framework's naming convention
+INPUT_AXIS = {
+    "kernel": lambda ndim: ndim - 2,  # Flax Dense/Conv: (..., in, out)
+    "weight": lambda ndim: 1,  # PyTorch Linear/Conv (out, in, ...), Embedding (vocab, features)
+    "embedding": lambda ndim: ndim - 1,  # Flax Embed: (vocab, features)
+}
 
 
 def _check_scale_dtype(scale_dtype) -> None:
@@ -219,17 +216,18 @@ class Scalar:
         axis, chosen = self.axis, False
         if axis == AUTO:
             axis = None
-            a = _input_axis(role, len(shape)) if weight and self.group_size is None else None
+            a = (INPUT_AXIS[role](len(shape))
+                 if weight and self.group_size is None and role in INPUT_AXIS else None)
             if a is not None:
-                cost = (2 * np.dtype(_np_dtype(chan_dtype)).itemsize * 8 * shape[a] - 64) / size
+                cost = (2 * _dtype_bits(chan_dtype) * shape[a] - 64) / size
                 if over + cost <= budget / 2:
                     axis, chosen = a, True
                     over += cost
         elif axis is not None and weight:
             axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
             if all(-len(shape) <= a < len(shape) for a in axes):  # else layout_for says why
-                bits = 16 if self.scale_dtype in ("float16", "bfloat16") else 32
-                over += 2 * bits * math.prod(shape[a] for a in axes) / size
+                over += (2 * _dtype_bits(self.scale_dtype) * math.prod(shape[a] for a in axes)
+                         / size)
         scale_dtype = self.scale_dtype
         if scale_dtype == AUTO:  # 16-bit scales only where distq chose the channels itself
             scale_dtype = chan_dtype if chosen else "float32"

@@ -32,7 +32,7 @@ import numpy as np
 from . import _checks
 from . import pq as _pq
 from .qarray import QArray, arrays_nbytes
-from .scalar import NF4, Scalar, Uniform
+from .scalar import INPUT_AXIS, NF4, Scalar, Uniform
 from .scalar import quantize as _quantize_scalar
 
 _CAST_DTYPES = ("bfloat16", "float16", "float32")
@@ -327,15 +327,12 @@ def tree_nbytes(tree) -> int:
     return sum(leaf_nbytes(x) for x in leaves)
 
 
-_ROLES = ("kernel", "weight", "embedding")
-
-
 def leaf_role(path: str) -> str:
     """What a parameter is, by its name: ``"kernel"`` (Flax Dense/Conv), ``"weight"`` (PyTorch
     Linear/Conv/Embedding state dicts), ``"embedding"`` (Flax Embed) or ``"matrix"``."""
     parts = [p for p in re.split(r"[/.]", path) if p not in ("value", "raw_value")]
     name = parts[-1].lower() if parts else ""
-    return name if name in _ROLES else "matrix"
+    return name if name in INPUT_AXIS else "matrix"
 
 
 def resolve_spec(spec, path: str, leaf):
