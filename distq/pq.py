@@ -47,20 +47,24 @@ class PQ:
     """How to product-quantise a matrix (frozen and hashable; a static ``jax.jit`` argument).
 
     The defaults aim at the best error reachable in about the training time of faiss's
-    ``ProductQuantizer`` (random seeding, 25 iterations): greedy k-means++ seeding, at most 25
-    Lloyd iterations with early stopping, training on at most ``256 * K`` rows.
+    ``ProductQuantizer`` (random seeding, 25 iterations on at most ``256 * K`` rows): greedy
+    k-means++ seeding, then at most 20 Lloyd iterations with early stopping on at most
+    ``512 * K`` rows, the first 10 of them on every fourth row.
 
     Attributes:
       m: number of sub-spaces; must divide the row length ``D``.
       bits: bits per sub-code, 1..16 (``K = 2**bits`` centroids per sub-space).
       opq: learn an orthogonal rotation first (optimised PQ).
-      iters: Lloyd iteration budget of each k-means.
+      iters: Lloyd iteration budget of each k-means, coarse ones included.
+      coarse_iters: the first this many iterations run on every fourth training row (when that
+        leaves at least ``32 * K`` rows); see :class:`distq.kmeans.KMeans`.
       tol: early stop when an iteration lowers the inertia by less than this fraction.
       restarts: independent k-means runs per sub-space; the best is kept.
-      sample: training rows (at most); ``None`` means ``256 * K``.
+      sample: training rows (at most); ``None`` means ``512 * K``.
       seed_sample: seeding rows (at most); ``None`` means ``32 * K``.
       seed_trials: greedy candidates per centre; ``None`` means ``2 + floor(ln K)``.
-      seed_score: rows that score the greedy candidates; ``None`` means ``12 * K``.
+      seed_score: importance-sampled rows that score the greedy candidates; ``None`` means
+        256 (see :class:`distq.kmeans.KMeans`).
       init: "greedy", "kmeans++" or "random" seeding (see :class:`distq.kmeans.KMeans`).
       opq_iters: alternations between codebooks and rotation when ``opq``.
       opq_lloyd_iters: Lloyd iterations per alternation (warm-started).
@@ -77,7 +81,8 @@ class PQ:
     m: int
     bits: int = 8
     opq: bool = False
-    iters: int = 25
+    iters: int = 20
+    coarse_iters: int = 10
     tol: float = 1e-4
     restarts: int = 1
     sample: int | None = None
@@ -88,7 +93,7 @@ class PQ:
     opq_iters: int = 8
     opq_lloyd_iters: int = 4
     codebook_dtype: str = "float32"
-    block: int = 2048
+    block: int = 4096
     verbose: bool = False
 
     def __post_init__(self):
@@ -114,7 +119,8 @@ class PQ:
     def kmeans(self) -> km.KMeans:
         """The :class:`distq.kmeans.KMeans` configuration used per sub-space."""
         return km.KMeans(
-            k=self.num_centroids, iters=self.iters, tol=self.tol, init=self.init,
+            k=self.num_centroids, iters=self.iters, coarse_iters=self.coarse_iters,
+            tol=self.tol, init=self.init,
             seed_trials=self.seed_trials, restarts=self.restarts, sample=self.sample,
             seed_sample=self.seed_sample, seed_score=self.seed_score, block=self.block,
             verbose=self.verbose,
@@ -122,31 +128,18 @@ class PQ:
 
 
 # --------------------------------------------------------------------------- code helpers
-def _nearest_keyed(xt: jax.Array, c: jax.Array, half: jax.Array) -> jax.Array:
-    """Nearest centroid of every column of ``xt`` in ONE reduction (for ``K <= 256``).
+def _nearest_block(xb: jax.Array, cbt: jax.Array, half: jax.Array) -> jax.Array:
+    """Codes ``(rows, m)`` of a block of rows ``(rows, m, ds)``; one sub-space at a time.
 
-    The score ``|c|^2 / 2 - c . x`` becomes an order-preserving int32 key whose low
-    ``log2 K`` bits are replaced by the centroid's index, so the minimum key carries its own
-    argmin. The price is that scores are compared to 2^-15 of their magnitude: a centroid that
-    ties the nearest one to that precision may be chosen instead (measured: 99.997 % of codes
-    identical to the exact two-pass search, the others equally near to float32 rounding).
+    ``cbt`` holds the transposed codebooks ``(m, ds, K)``. The search is k-means' keyed
+    one-reduction search (:func:`distq.kmeans._nearest_rows`) for ``K <= 256``: distances are
+    compared to ``2^-15`` of their value, so a centroid that ties the nearest one to that
+    precision may be chosen instead (measured: 99.997 % of codes identical to an exact search,
+    the others equally near to float32 rounding); exact above 256 centroids.
     """
-    kk = c.shape[0]
-    s = half[:, None] - c @ xt
-    key = nx._float_key(s)
-    iota = lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    low = 1 << max(kk - 1, 1).bit_length()
-    key = (key & jnp.int32(-low)) | iota
-    return jnp.min(key, axis=0) & jnp.int32(low - 1)
-
-
-def _nearest_block(xb: jax.Array, cb: jax.Array, half: jax.Array) -> jax.Array:
-    """Codes ``(rows, m)`` of a block of rows ``(rows, m, ds)``; one sub-space at a time."""
-    xt = jnp.transpose(xb, (1, 2, 0))  # (m, ds, rows)
-    if cb.shape[1] <= 256:
-        idx = lax.map(lambda a: _nearest_keyed(*a), (xt, cb, half))
-    else:
-        idx = lax.map(lambda a: km._nearest_cols(*a)[0], (xt, cb, half))
+    xs = jnp.transpose(xb, (1, 0, 2))  # (m, rows, ds)
+    xxh = 0.5 * jnp.sum(xs * xs, axis=-1)
+    idx = lax.map(lambda a: km._nearest_rows(*a, exact=False)[0], (xs, cbt, half, xxh))
     return idx.T
 
 
@@ -161,12 +154,13 @@ def _encode_codes(x: jax.Array, codebooks: jax.Array, rotation: jax.Array | None
     if rotation is not None:
         x = x @ rotation.astype(jnp.float32)
     half = 0.5 * jnp.sum(cb * cb, axis=-1)
+    cbt = jnp.swapaxes(cb, 1, 2)
     if n <= block:
-        return _nearest_block(x.reshape(n, m, ds), cb, half)
+        return _nearest_block(x.reshape(n, m, ds), cbt, half)
 
     def fn(start):
         xb = lax.dynamic_slice_in_dim(x, start, block, axis=0).reshape(block, m, ds)
-        return (_nearest_block(xb, cb, half),)
+        return (_nearest_block(xb, cbt, half),)
 
     (codes,) = km._blocked(n, block, fn, ((jnp.zeros((n, m), jnp.int32),), (0,)))
     return codes
@@ -483,7 +477,7 @@ class ProductQuantizer:
     iters: jax.Array
     dim: int = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
-    block: int = dataclasses.field(default=2048, metadata=dict(static=True))
+    block: int = dataclasses.field(default=4096, metadata=dict(static=True))
 
     @property
     def m(self) -> int:

@@ -150,7 +150,7 @@ def test_early_stop_before_budget():
 def test_restarts_and_sampling():
     cfg = km.KMeans(k=6, restarts=3, sample=200, seed_sample=100, seed_score=50)
     assert cfg.sample_size(10**6) == 200 and cfg.seed_size(10**6) == 100
-    assert km.KMeans(k=16).sample_size(10**6) == 256 * 16
+    assert km.KMeans(k=16).sample_size(10**6) == 512 * 16
     assert km.KMeans(k=16).seed_size(10**6) == 32 * 16
     assert km.KMeans(k=16).trials == 2 + int(np.log(16))
     res = km.fit(jax.random.key(0), X_BLOBS, cfg)
@@ -216,3 +216,43 @@ def test_fit_input_validation():
 def test_doctests():
     failures, _ = doctest.testmod(km, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+def test_keyed_assign_agrees_with_exact_search():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    c = rng.standard_normal((256, 8)).astype(np.float32)
+    codes, d2 = km.assign(x, c, block=1000, exact=False)
+    ref_codes, ref_d2 = np_assign(x, c)
+    codes, d2 = np.asarray(codes), np.asarray(d2)
+    assert np.mean(codes == ref_codes) > 0.999
+    # a different choice is a near tie: its true distance is the minimum to float32 precision
+    chosen = ((x.astype(np.float64) - c[codes]) ** 2).sum(1)
+    np.testing.assert_allclose(chosen, ref_d2, rtol=2.0**-13, atol=1e-5)
+    # distances are returned truncated to 2^-15 of their value (plus float32 cancellation)
+    assert np.all(d2 <= ref_d2 * (1 + 1e-6) + 1e-5)
+    np.testing.assert_allclose(d2, ref_d2, rtol=2.0**-13, atol=1e-5)
+
+
+def test_keyed_assign_keeps_the_index_at_zero_distance():
+    # s == 0 would be a subnormal key, which XLA:CPU flushes (losing the index): it must not
+    x = np.asarray(X_BLOBS)
+    codes, d2 = km.assign(x, x[[5, 0, 17, 3]], exact=False)
+    assert np.asarray(codes)[[5, 0, 17, 3]].tolist() == [0, 1, 2, 3]
+    assert np.all(np.asarray(d2)[[5, 0, 17, 3]] == 0.0)
+
+
+def test_coarse_to_fine_schedule():
+    cfg = km.KMeans(k=8)  # coarse stage only when a quarter of the sample has >= 32 rows/centroid
+    assert cfg.coarse_stride(4 * 32 * 8) == 4 and cfg.coarse_stride(4 * 32 * 8 - 4) == 1
+    assert km.KMeans(k=8, coarse_iters=0).coarse_stride(10**6) == 1
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4096, 4)).astype(np.float32)
+    fine = km.fit(jax.random.key(0), x, km.KMeans(k=8, iters=20, coarse_iters=0, tol=0.0))
+    both = km.fit(jax.random.key(0), x, km.KMeans(k=8, iters=20, coarse_iters=10, tol=0.0))
+    assert int(fine.iters) <= 20 and int(both.iters) <= 20
+    # the coarse iterations cost a quarter each and lose (almost) nothing
+    assert float(both.inertia) < 1.01 * float(fine.inertia)
+    # the reported inertia is that of the whole sample
+    np.testing.assert_allclose(float(both.inertia),
+                               np_assign(x, np.asarray(both.centroids))[1].sum(), rtol=1e-4)
