@@ -203,9 +203,16 @@ def _run(x, beta, *, dists, n, search, zero):
     std = jnp.sqrt(var)
     finite = jnp.isfinite(mean) & jnp.isfinite(std)
     # constant input (distquant divides by zero here): scale 0 and location = the value itself,
-    # so every level, and so every decoded value, is exactly that value
-    hi = jnp.max(x)
-    const = hi == jnp.min(x)
+    # so every level, and so every decoded value, is exactly that value. A constant has a
+    # computed spread of zero or of rounding size against its mean (its sums take the shifted
+    # branch above, which leaves at most ~1e-6 mean^2): max and min, a pass as long as the two
+    # sums, are taken only below 1e-4 mean^2
+    def extremes(_):
+        return jnp.max(x), jnp.min(x)
+
+    maybe_const = var <= 1e-4 * mean * mean + 1e-30
+    hi, lo = jax.lax.cond(maybe_const, extremes, lambda _: (mean, mean - 1.0), None)
+    const = hi == lo
     offs, muls = [], []
     for d in dists:
         loc, scale = _family_loc_scale(d.family, mean, std, zero)

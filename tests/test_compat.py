@@ -131,6 +131,23 @@ def test_constant_input_round_trips():
     assert q.min() >= 0 and q.max() < 8
 
 
+@pytest.mark.parametrize("value", [0.1, -3.7e5, 1e-20, 0.0, 7.0])
+def test_large_constant_input_round_trips(value):
+    # float32 sums of a million copies round: the spread they leave must not hide the constant
+    x = np.full(1_000_003, value, np.float32)
+    q, info = compat.quantize(x, k=4, dist="gaussian", beta=1.0)
+    np.testing.assert_array_equal(compat.dequantize(q, **info), x)
+    assert info["scale"] == 0.0 and info["abs_error"] == 0.0
+    if abs(value) < 1e-3:  # a spread of one step there underflows float32 statistics
+        return
+    # two values one float32 step apart are not a constant: both survive
+    y = x.copy()
+    y[::2] = np.nextafter(np.float32(value), np.float32(np.inf))
+    q, info = compat.quantize(y, k=4, dist="gaussian", beta=1.0)
+    assert info["scale"] > 0.0
+    assert len(np.unique(compat.dequantize(q, **info))) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
