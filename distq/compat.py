@@ -39,6 +39,7 @@ from ._quantitize import CompressionReport, Quantitized, compression_report, qua
 
 _ALIGN = 64  # XLA:CPU aliases host buffers aligned to this many bytes instead of copying them
 _FUSED_MAX_LEVELS = 32
+_SPLIT_MIN = 1 << 16  # below this many values an aligned copy costs next to nothing
 
 
 def _to_host_float32(data: Any) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
@@ -51,13 +52,81 @@ def _to_host_float32(data: Any) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
         raise ValueError(f"data is empty (shape {arr.shape}); nothing to quantise")
     shape = tuple(arr.shape)
     flat = arr.reshape(-1)
-    if flat.dtype != np.float32 or not flat.flags.c_contiguous or flat.ctypes.data % _ALIGN:
-        buf = np.empty(flat.size * 4 + _ALIGN, np.uint8)
-        off = (-buf.ctypes.data) % _ALIGN
-        aligned = buf[off : off + flat.size * 4].view(np.float32)
-        np.copyto(aligned, flat, casting="unsafe")
-        flat = aligned
+    if flat.dtype != np.float32 or not flat.flags.c_contiguous:
+        flat = _aligned_copy(flat)
     return flat, arr.dtype, shape
+
+
+def _aligned_copy(flat: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``flat`` starting on an ``_ALIGN``-byte boundary."""
+    buf = np.empty(flat.size * 4 + _ALIGN, np.uint8)
+    off = (-buf.ctypes.data) % _ALIGN
+    aligned = buf[off : off + flat.size * 4].view(np.float32)
+    np.copyto(aligned, flat, casting="unsafe")
+    return aligned
+
+
+def _head_length(flat: np.ndarray) -> int | None:
+    """Values before the first ``_ALIGN``-byte boundary of a float32 vector (``None``: the
+    address is not even a multiple of 4 bytes, so no suffix is aligned)."""
+    addr = flat.ctypes.data
+    if addr % 4:
+        return None
+    return ((-addr) % _ALIGN) // 4
+
+
+def _funnel_words(words, pad: int, k: int):
+    """Shifts a stream of ``[low, high]`` int64-layout words ``pad`` codes towards its start.
+
+    Every output word is the tail of one input word and the head of the next (a 64-bit funnel
+    shift done on the uint32 halves); the stream ends with zero codes.
+    """
+    if pad == 0:
+        return words
+    e = jnp.concatenate([words, jnp.zeros((1, 2), jnp.uint32)])
+    left, right = k * pad, 64 - k * pad  # bits taken from word j and from word j + 1
+    lo0, hi0, lo1, hi1 = e[:-1, 0], e[:-1, 1], e[1:, 0], e[1:, 1]
+    if left >= 32:
+        hi_a, lo_a = lo0 << (left - 32), jnp.zeros_like(lo0)
+    else:
+        hi_a, lo_a = (hi0 << left) | (lo0 >> (32 - left)), lo0 << left
+    if right >= 32:
+        hi_b, lo_b = jnp.zeros_like(hi1), hi1 >> (right - 32)
+    else:
+        hi_b, lo_b = hi1 >> right, (lo1 >> right) | (hi1 << (32 - right))
+    return jnp.stack([lo_a | lo_b, hi_a | hi_b], axis=1)
+
+
+def _small_words(vals, t, k: int, lead: int):
+    """``(W, 2)`` ``[low, high]`` words of a few values placed after ``lead`` zero codes."""
+    codes = jnp.sum(vals[:, None] >= t[None, :], axis=1).astype(jnp.uint32)
+    if lead:
+        codes = jnp.concatenate([jnp.zeros((lead,), jnp.uint32), codes])
+    return bitpack.pack_int64_halves(codes, k).reshape(-1, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _join_words(head, main_words, tail, t, lv, *, k):
+    """Int64-layout words of ``[head, main, tail]`` from the main part's own words, and the
+    summed absolute error of the head and tail values."""
+    per64 = 64 // k
+    pad = (-head.shape[0]) % per64
+    parts = [main_words.reshape(-1, 2)]
+    err = jnp.float32(0.0)
+    if head.shape[0]:
+        parts.insert(0, _small_words(head, t, k, pad))
+        err = err + _small_error(head, t, lv)
+    if tail.shape[0]:
+        parts.append(_small_words(tail, t, k, 0))
+        err = err + _small_error(tail, t, lv)
+    out = _funnel_words(jnp.concatenate(parts) if len(parts) > 1 else parts[0], pad, k)
+    n_words = -(-(head.shape[0] + main_words.shape[0] // 2 * per64 + tail.shape[0]) // per64)
+    return out[:n_words].reshape(-1), err
+
+
+def _small_error(vals, t, lv):
+    codes = jnp.sum(vals[:, None] >= t[None, :], axis=1)
+    return jnp.sum(jnp.abs(vals - lv[codes]))
 
 
 def _family_loc_scale(family: str, mean, std, zero):
@@ -181,22 +250,26 @@ def _encode_generic(x, t, lv, *, k, packbits):
 
 
 @functools.partial(jax.jit, static_argnames=("dists", "n", "search", "zero"))
-def _run(x, beta, *, dists, n, search, zero):
+def _run(parts, beta, *, dists, n, search, zero):
     """Statistics, the search, and the chosen codebook's thresholds and levels (encoding is a
-    separate computation, so the thresholds reach it as arrays, not as per-element work)."""
-    size = x.shape[0]
+    separate computation, so the thresholds reach it as arrays, not as per-element work).
+
+    ``parts`` is the data as one array, or as head, main part and tail (the statistics add up
+    over the parts; the search needs one array)."""
+    x = max(parts, key=lambda p: p.shape[0])
+    size = sum(p.shape[0] for p in parts)
     dof = max(size - 1, 1)
     # plain sums first (one fast pass); when the mean is large against the spread they cancel,
     # and the sums are redone on values shifted by the mean of a strided sample (slower: XLA:CPU
     # does not fuse the shift into its vectorised reductions)
-    s1, s2 = jnp.sum(x), jnp.sum(x * x)
+    s1, s2 = sum(jnp.sum(p) for p in parts), sum(jnp.sum(p * p) for p in parts)
     m = s1 / size
     var = jnp.maximum(s2 - s1 * m, 0.0) / dof
 
     def shifted(_):
-        shift = jnp.mean(x[:: max(1, size // 4096)])
-        d = x - shift
-        t1, t2 = jnp.sum(d), jnp.sum(d * d)
+        shift = jnp.mean(x[:: max(1, x.shape[0] // 4096)])
+        t1 = sum(jnp.sum(p - shift) for p in parts)
+        t2 = sum(jnp.sum((p - shift) * (p - shift)) for p in parts)
         return shift + t1 / size, jnp.maximum(t2 - t1 * t1 / size, 0.0) / dof
 
     mean, var = jax.lax.cond(m * m <= 1e-2 * var, lambda _: (m, var), shifted, None)
@@ -208,7 +281,8 @@ def _run(x, beta, *, dists, n, search, zero):
     # branch above, which leaves at most ~1e-6 mean^2): max and min, a pass as long as the two
     # sums, are taken only below 1e-4 mean^2
     def extremes(_):
-        return jnp.max(x), jnp.min(x)
+        return (functools.reduce(jnp.maximum, [jnp.max(p, initial=-jnp.inf) for p in parts]),
+                functools.reduce(jnp.minimum, [jnp.min(p, initial=jnp.inf) for p in parts]))
 
     maybe_const = var <= 1e-4 * mean * mean + 1e-30
     hi, lo = jax.lax.cond(maybe_const, extremes, lambda _: (mean, mean - 1.0), None)
@@ -231,8 +305,15 @@ def _run(x, beta, *, dists, n, search, zero):
     return t, lv, row, col, offs[row], muls[row], finite
 
 
-def _encode(x, t, lv, k: int, packbits: bool):
+def _encode(parts, t, lv, k: int, packbits: bool):
     """(NumPy int64 words or codes, summed absolute error)."""
+    if len(parts) == 3:  # head, aligned main part of whole words, tail (the word path only)
+        head, main, tail = parts
+        main_words = _encode_u32(main, t, k=k)
+        words, small_err = _join_words(head, main_words, tail, t, lv, k=k)
+        err = _sum(_abs_error_u32(main, main_words, lv, k=k))
+        return np.asarray(words).view(np.int64), float(err) + float(small_err)
+    x = parts[0]
     if packbits and 32 % k == 0 and t.shape[0] < _FUSED_MAX_LEVELS:
         words = _encode_u32(x, t, k=k)
         q = np.asarray(words).view(np.int64)  # little-endian [low, high] pairs
@@ -314,10 +395,28 @@ def quantize(
         n -= 1  # odd n: the middle level is exactly `zero` (distquant asserts odd n here)
     codes_bits = max(1, math.ceil(math.log2(n)))
 
-    x = jax.device_put(flat)  # zero-copy: `flat` is 64-byte aligned
+    # XLA:CPU reads a host buffer in place only from a 64-byte boundary, and its word kernel is
+    # fast only on whole words (a pad or an offset slice fused into it costs 5-10x). On the word
+    # path the data therefore goes as three host views: the few values before the first
+    # boundary, an aligned main part of whole int64 words (read in place, never copied), and
+    # the few values after it; the words are joined by a funnel shift (one pass over the words,
+    # several times shorter than one over the values).
+    h = _head_length(flat)
+    word_path = bool(packbits) and 32 % codes_bits == 0 and n - 1 < _FUSED_MAX_LEVELS
+    if h is None or (h and not (word_path and beta is not None and flat.size >= _SPLIT_MIN)):
+        flat, h = _aligned_copy(flat), 0
+    whole = None if h else jax.device_put(flat)  # zero-copy: `flat` is 64-byte aligned
+    enc_parts = (whole,)
+    if word_path and flat.size >= _SPLIT_MIN:
+        per64 = 64 // codes_bits  # whole words, an even number of them: with an odd count
+        # XLA:CPU's word kernel runs about ten times slower
+        end = h + (flat.size - h) // (2 * per64) * (2 * per64)
+        enc_parts = (jax.device_put(np.array(flat[:h])), jax.device_put(flat[h:end]),
+                     jax.device_put(np.array(flat[end:])))
     t, lv, row, col, loc, scale, finite = _run(
-        x, jnp.float32(1.0 if beta is None else beta), dists=dists, n=n, search=beta is None,
-        zero=zero,
+        enc_parts if whole is None else (whole,), jnp.float32(1.0 if beta is None else beta),
+        dists=dists, n=n,
+        search=beta is None, zero=zero,
     )
     # the scalars in one device-to-host transfer
     finite, row, col, loc, scale = jax.device_get((finite, row, col, loc, scale))
@@ -330,7 +429,7 @@ def quantize(
     row = int(row)
     if beta is None:  # report the grid value itself, as the reference does
         beta = S.beta_grid(dists[row].family)[int(col)]
-    q, abs_error = _encode(x, t, lv, codes_bits, bool(packbits))
+    q, abs_error = _encode(enc_parts, t, lv, codes_bits, bool(packbits))
     if not packbits:
         q = q.reshape(shape)
     info = {
