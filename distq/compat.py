@@ -310,8 +310,9 @@ def _encode(parts, t, lv, k: int, packbits: bool):
     if len(parts) == 3:  # head, aligned main part of whole words, tail (the word path only)
         head, main, tail = parts
         main_words = _encode_u32(main, t, k=k)
-        words, small_err = _join_words(head, main_words, tail, t, lv, k=k)
+        # both dispatched before either result is awaited
         err = _sum(_abs_error_u32(main, main_words, lv, k=k))
+        words, small_err = _join_words(head, main_words, tail, t, lv, k=k)
         return np.asarray(words).view(np.int64), float(err) + float(small_err)
     x = parts[0]
     if packbits and 32 % k == 0 and t.shape[0] < _FUSED_MAX_LEVELS:
