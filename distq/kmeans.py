@@ -365,7 +365,7 @@ def _seed_draws(key: jax.Array, batch: int, s: int, k: int, trials: int, init: s
 
 
 def _seed_core(x: jax.Array, draws: tuple, k: int, trials: int, init: str,
-               score_rows: int) -> jax.Array:
+               score_rows: int, track: bool = False):
     """Seeds ``k`` centroids for one problem ``x`` (S, d) from pre-drawn randomness.
 
     A greedy candidate's score is the potential it removes, ``sum(max(dmin - |x - cand|^2, 0))``.
@@ -385,6 +385,8 @@ def _seed_core(x: jax.Array, draws: tuple, k: int, trials: int, init: str,
       0.0098-0.0100 against 0.0104-0.0110) than one centre per step.
 
     The D^2 sampling of the candidates and the running ``dmin`` always use all ``S`` rows.
+    With ``track`` (importance-sampled path only) the result is ``(centres, owner, dmin)``:
+    every row's nearest centre and squared distance to it, the assignment Lloyd starts from.
     """
     s, d = x.shape
     if init == "random":  # k distinct rows: the k largest of S uniforms
@@ -416,42 +418,58 @@ def _seed_core(x: jax.Array, draws: tuple, k: int, trials: int, init: str,
     cents = jnp.zeros((1 + steps * _PICKS, d), jnp.float32).at[0].set(c0)
 
     def chunk(ci, carry):
-        cents, dmin = carry
+        cents, dmin, owner = carry
         rows = _d2_sample(dmin, uis[ci])  # (e,) drawn with probability dmin / sum(dmin)
         xr, xxr, dr = x[rows], xx[rows], dmin[rows]
         weight = jnp.sum(dmin) / (e * jnp.maximum(dr, tiny))
 
         def step(j, carry):
-            cents, dmin, dr = carry
+            cents, dmin, owner, dr = carry
             si = ci * per + j
             ok = si < steps  # the last chunk may be padded
             si = jnp.minimum(si, steps - 1)
             cand = _d2_sample(dmin, uni[si])  # (_PICKS * trials,)
             dc = jnp.maximum(xxr[None, :] - 2.0 * (x[cand] @ xr.T) + xx[cand][:, None], 0.0)
             picked = []
+            taken = jnp.zeros(cand.shape, bool)  # a row picked in this step is not picked again
             for _ in range(_PICKS):
                 gain = jnp.sum(weight[None, :] * jnp.maximum(dr[None, :] - dc, 0.0), axis=1)
-                jb = jnp.argmax(gain)
+                jb = jnp.argmax(jnp.where(taken, -1.0, gain))
                 picked.append(cand[jb])
+                taken = taken | (cand == cand[jb])
                 dr = jnp.where(ok, jnp.minimum(dr, dc[jb]), dr)
             idx = jnp.stack(picked)
-            new = jnp.minimum(dmin, jnp.min(dist_to(idx), axis=0))
+            dd = dist_to(idx)  # (_PICKS, S); picks past the k-th centre (last step) are ignored
+            near, which = dmin, owner
+            for p in range(_PICKS):
+                pos = 1 + si * _PICKS + p
+                closer = ok & (pos < k) & (dd[p] < near)
+                near, which = jnp.where(closer, dd[p], near), jnp.where(closer, pos, which)
             placed = lax.dynamic_update_slice_in_dim(cents, x[idx], 1 + si * _PICKS, 0)
-            return jnp.where(ok, placed, cents), jnp.where(ok, new, dmin), dr
+            return jnp.where(ok, placed, cents), near, which, dr
 
-        cents, dmin, _ = lax.fori_loop(0, per, step, (cents, dmin, dr))
-        return cents, dmin
+        cents, dmin, owner, _ = lax.fori_loop(0, per, step, (cents, dmin, owner, dr))
+        return cents, dmin, owner
 
-    return lax.fori_loop(0, chunks, chunk, (cents, dmin))[0][:k]
+    owner = jnp.zeros((s,), jnp.int32)
+    cents, dmin, owner = lax.fori_loop(0, chunks, chunk, (cents, dmin, owner))
+    return (cents[:k], owner, dmin) if track else cents[:k]
+
+
+def _tracks(s: int, trials: int, init: str, score_rows: int | None) -> bool:
+    """Whether seeding ``s`` rows takes the importance-sampled path, which can return the
+    rows' assignment to the seeds (see :func:`_seed_core`)."""
+    return init != "random" and trials > 1 and score_rows is not None and score_rows < s
 
 
 def _seed_batched(key: jax.Array, x: jax.Array, k: int, trials: int, init: str,
-                  score_rows: int | None = None) -> jax.Array:
+                  score_rows: int | None = None, track: bool = False):
     """Seeds every problem of ``x`` (B, S, d): one draw, then a vmapped deterministic loop."""
     b, s, _ = x.shape
     score_rows = s if score_rows is None else max(1, min(s, score_rows))
     draws = _seed_draws(key, b, s, k, trials, init, score_rows)
-    core = functools.partial(_seed_core, k=k, trials=trials, init=init, score_rows=score_rows)
+    core = functools.partial(_seed_core, k=k, trials=trials, init=init, score_rows=score_rows,
+                             track=track)
     return jax.vmap(core)(x, draws)
 
 
@@ -516,15 +534,19 @@ def _update(c: jax.Array, x: jax.Array, codes: jax.Array, dist: jax.Array) -> ja
 
 
 def _lloyd_one(x: jax.Array, c: jax.Array, iters: int, tol: float, block: int,
-               verbose: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+               verbose: bool, start: tuple | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Lloyd iterations for one problem; returns (centroids, their inertia, updates done).
+
+    ``start`` may give the rows' assignment to ``c`` (codes, squared distances), as the
+    seeding knows it, instead of computing it.
 
     Each iteration moves the centroids and then re-assigns, so the loop always holds the exact
     inertia of the centroids it holds. It stops after ``iters`` updates, when no assignment
     changed (a fixed point), or when the inertia fell by at most ``tol`` (relative).
     """
     xxh = 0.5 * jnp.sum(x * x, axis=1)
-    codes, dist = _assign(x, c, block, False, xxh)
+    codes, dist = _assign(x, c, block, False, xxh) if start is None else start
     inertia = jnp.sum(dist)
     if verbose:
         jax.debug.callback(_report, jnp.int32(0), inertia)
@@ -598,16 +620,27 @@ def _fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
     coarse = min(cfg.coarse_iters, cfg.iters) if stride > 1 else 0
     lloyd_fn = functools.partial(_lloyd_one, tol=cfg.tol, block=cfg.block, verbose=cfg.verbose)
 
-    def one(xp, c0):  # one problem: coarse iterations on every stride-th row, then all rows
+    # seeding on every training row also yields their assignment to the seeds: Lloyd starts
+    # from it instead of computing it again
+    score = cfg.score_size(xs.shape[1])
+    track = xs.shape[1] == x.shape[1] and _tracks(xs.shape[1], cfg.trials, cfg.init, score)
+
+    def one(xp, c0, start=None):  # coarse iterations on every stride-th row, then all rows
         done = jnp.int32(0)
         if coarse:
-            c0, _, done = lloyd_fn(xp[::stride], c0, iters=coarse)
-        c, inertia, it = lloyd_fn(xp, c0, iters=cfg.iters - coarse)
+            start = None if start is None else (start[0][::stride], start[1][::stride])
+            c0, _, done = lloyd_fn(xp[::stride], c0, iters=coarse, start=start)
+            start = None
+        c, inertia, it = lloyd_fn(xp, c0, iters=cfg.iters - coarse, start=start)
         return c, inertia, it + done
 
     def run(rkey):
-        c0 = _seed_batched(rkey, xs, cfg.k, cfg.trials, cfg.init, cfg.score_size(xs.shape[1]))
-        return KMeansResult(*lax.map(lambda a: one(*a), (x, c0)))
+        seeded = _seed_batched(rkey, xs, cfg.k, cfg.trials, cfg.init, score, track)
+        if track:
+            c0, owner, dmin = seeded
+            return KMeansResult(*lax.map(lambda a: one(a[0], a[1], (a[2], a[3])),
+                                         (x, c0, owner, dmin)))
+        return KMeansResult(*lax.map(lambda a: one(*a), (x, seeded)))
 
     if cfg.restarts == 1:
         return run(k_runs)

@@ -256,3 +256,22 @@ def test_coarse_to_fine_schedule():
     # the reported inertia is that of the whole sample
     np.testing.assert_allclose(float(both.inertia),
                                np_assign(x, np.asarray(both.centroids))[1].sum(), rtol=1e-4)
+
+
+def test_seeding_tracks_the_assignment_lloyd_starts_from():
+    # the importance-sampled seeding path (score rows < seeding rows) also returns every row's
+    # nearest seed and its squared distance; Lloyd starts from them instead of re-assigning
+    x = np.stack([clustered(s, 600, 40, 4) for s in (3, 4)])
+    k, trials = 37, 4  # 37 - 1 centres: not a multiple of the picks per step
+    assert km._tracks(600, trials, "greedy", 64)
+    cents, owner, dmin = km._seed_batched(jax.random.key(1), jnp.asarray(x), k, trials,
+                                          "greedy", 64, track=True)
+    for b in range(2):
+        c = np.asarray(cents[b])
+        assert len({tuple(r) for r in c.tolist()}) == k  # distinct rows
+        ref_codes, ref_d2 = np_assign(x[b], c)
+        np.testing.assert_allclose(np.asarray(dmin[b]), ref_d2, rtol=1e-4, atol=1e-5)
+        got = np.asarray(owner[b])
+        assert got.min() >= 0 and got.max() < k
+        chosen = ((x[b].astype(np.float64) - c[got]) ** 2).sum(1)
+        np.testing.assert_allclose(chosen, ref_d2, rtol=1e-4, atol=1e-5)
