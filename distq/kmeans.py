@@ -12,8 +12,9 @@ The pipeline of :func:`fit`:
    drawn with probability proportional to the squared distance to the nearest centre so far ("D^2
    sampling"); "best" means the one that lowers the potential (the sum of those squared distances)
    the most, estimated on ``seed_score`` rows drawn in proportion to that squared distance
-   (importance sampling: the rows a good candidate takes over are the far ones). The array of
-   per-point minimum distances is carried from step to step.
+   (importance sampling: the rows a good candidate takes over are the far ones); 4 centres are
+   picked per step from a pool of ``4 * trials`` candidates. The array of per-point minimum
+   distances (and nearest seeds, which Lloyd then starts from) is carried from step to step.
 3. Refine (:func:`lloyd`): Lloyd iterations inside one ``lax.while_loop``: assign every point to
    its nearest centroid (``argmin_k |x|^2 / 2 + |c_k|^2 / 2 - x . c_k``, a matrix product,
    processed in blocks of rows), move every centroid to the mean of its points (``segment_sum``),
