@@ -97,9 +97,9 @@ def _funnel_words(words, pad: int, k: int):
     return jnp.stack([lo_a | lo_b, hi_a | hi_b], axis=1)
 
 
-def _small_words(vals, t, k: int, lead: int):
-    """``(W, 2)`` ``[low, high]`` words of a few values placed after ``lead`` zero codes."""
-    codes = jnp.sum(vals[:, None] >= t[None, :], axis=1).astype(jnp.uint32)
+def _small_words(codes, k: int, lead: int):
+    """``(W, 2)`` ``[low, high]`` words of a few codes placed after ``lead`` zero codes."""
+    codes = codes.astype(jnp.uint32)
     if lead:
         codes = jnp.concatenate([jnp.zeros((lead,), jnp.uint32), codes])
     return bitpack.pack_int64_halves(codes, k).reshape(-1, 2)
@@ -111,22 +111,27 @@ def _join_words(head, main_words, tail, t, lv, *, k):
     summed absolute error of the head and tail values."""
     per64 = 64 // k
     pad = (-head.shape[0]) % per64
+    def small(vals, lead):  # a few values: their words and their summed absolute error
+        codes = nx.bucketize(vals, t)
+        return _small_words(codes, k, lead), jnp.sum(jnp.abs(vals - lv[codes]))
+
     parts = [main_words.reshape(-1, 2)]
     err = jnp.float32(0.0)
     if head.shape[0]:
-        parts.insert(0, _small_words(head, t, k, pad))
-        err = err + _small_error(head, t, lv)
+        words, e = small(head, pad)
+        parts, err = [words] + parts, err + e
     if tail.shape[0]:
-        parts.append(_small_words(tail, t, k, 0))
-        err = err + _small_error(tail, t, lv)
+        words, e = small(tail, 0)
+        parts, err = parts + [words], err + e
     out = _funnel_words(jnp.concatenate(parts) if len(parts) > 1 else parts[0], pad, k)
     n_words = -(-(head.shape[0] + main_words.shape[0] // 2 * per64 + tail.shape[0]) // per64)
     return out[:n_words].reshape(-1), err
 
 
-def _small_error(vals, t, lv):
-    codes = jnp.sum(vals[:, None] >= t[None, :], axis=1)
-    return jnp.sum(jnp.abs(vals - lv[codes]))
+def _word_path(packbits: bool, k: int, n: int) -> bool:
+    """Codes go straight into int64 words by the word kernel: packed, ``k`` dividing 32, and
+    few enough levels for its compare-and-count."""
+    return bool(packbits) and 32 % k == 0 and n - 1 < _FUSED_MAX_LEVELS
 
 
 def _family_loc_scale(family: str, mean, std, zero):
@@ -280,13 +285,13 @@ def _run(parts, beta, *, dists, n, search, zero):
     # computed spread of zero or of rounding size against its mean (its sums take the shifted
     # branch above, which leaves at most ~1e-6 mean^2): max and min, a pass as long as the two
     # sums, are taken only below 1e-4 mean^2
-    def extremes(_):
-        return (functools.reduce(jnp.maximum, [jnp.max(p, initial=-jnp.inf) for p in parts]),
-                functools.reduce(jnp.minimum, [jnp.min(p, initial=jnp.inf) for p in parts]))
+    def constant(_):
+        hi = functools.reduce(jnp.maximum, [jnp.max(p, initial=-jnp.inf) for p in parts])
+        lo = functools.reduce(jnp.minimum, [jnp.min(p, initial=jnp.inf) for p in parts])
+        return hi == lo, hi
 
     maybe_const = var <= 1e-4 * mean * mean + 1e-30
-    hi, lo = jax.lax.cond(maybe_const, extremes, lambda _: (mean, mean - 1.0), None)
-    const = hi == lo
+    const, hi = jax.lax.cond(maybe_const, constant, lambda _: (jnp.bool_(False), mean), None)
     offs, muls = [], []
     for d in dists:
         loc, scale = _family_loc_scale(d.family, mean, std, zero)
@@ -315,7 +320,7 @@ def _encode(parts, t, lv, k: int, packbits: bool):
         words, small_err = _join_words(head, main_words, tail, t, lv, k=k)
         return np.asarray(words).view(np.int64), float(err) + float(small_err)
     x = parts[0]
-    if packbits and 32 % k == 0 and t.shape[0] < _FUSED_MAX_LEVELS:
+    if _word_path(packbits, k, t.shape[0] + 1):
         words = _encode_u32(x, t, k=k)
         q = np.asarray(words).view(np.int64)  # little-endian [low, high] pairs
         return q, float(_sum(_abs_error_u32(x, words, lv, k=k)))
@@ -403,7 +408,7 @@ def quantize(
     # the few values after it; the words are joined by a funnel shift (one pass over the words,
     # several times shorter than one over the values).
     h = _head_length(flat)
-    word_path = bool(packbits) and 32 % codes_bits == 0 and n - 1 < _FUSED_MAX_LEVELS
+    word_path = _word_path(packbits, codes_bits, n)
     if h is None or (h and not (word_path and beta is not None and flat.size >= _SPLIT_MIN)):
         flat, h = _aligned_copy(flat), 0
     whole = None if h else jax.device_put(flat)  # zero-copy: `flat` is 64-byte aligned

@@ -179,6 +179,7 @@ def _check_int(v, name: str, lo: int) -> None:
 
 # ------------------------------------------------------------------------------- assignment
 KEYED_MAX_K = 256  # up to this many centroids, the keyed one-reduction search is used
+_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
 def _nearest_rows(xb: jax.Array, ct: jax.Array, half: jax.Array, xxh: jax.Array,
@@ -205,7 +206,7 @@ def _nearest_rows(xb: jax.Array, ct: jax.Array, half: jax.Array, xxh: jax.Array,
         low = 1 << max(kk - 1, 1).bit_length()
         # clamped at the smallest normal float: XLA:CPU flushes subnormals, which would erase
         # the index of a key built on s == 0
-        tiny = jnp.float32(np.finfo(np.float32).tiny)
+        tiny = jnp.float32(_TINY)
         bits = lax.bitcast_convert_type(jnp.maximum(s, tiny), jnp.int32)
         iota = lax.broadcasted_iota(jnp.int32, s.shape, 1)
         keyed = lax.bitcast_convert_type((bits & jnp.int32(-low)) | iota, jnp.float32)
@@ -351,6 +352,13 @@ def _greedy_steps(k: int) -> tuple[int, int, int]:
     return steps, per, -(-steps // per)
 
 
+def _importance_sampled(s: int, trials: int, init: str, score_rows: int | None) -> bool:
+    """Whether greedy seeding of ``s`` rows scores on importance-sampled rows (picking
+    ``_PICKS`` centres per step), the path that can also return the rows' assignment to the
+    seeds (see :func:`_seed_core`)."""
+    return init != "random" and trials > 1 and score_rows is not None and score_rows < s
+
+
 def _seed_draws(key: jax.Array, batch: int, s: int, k: int, trials: int, init: str,
                 score_rows: int):
     """All the randomness of seeding ``batch`` problems, drawn at once."""
@@ -358,7 +366,7 @@ def _seed_draws(key: jax.Array, batch: int, s: int, k: int, trials: int, init: s
         return (_uniforms(key, (batch, s)),)
     k_first, k_cand, k_rows = jax.random.split(key, 3)
     first = jnp.minimum((_uniforms(k_first, (batch,)) * s).astype(jnp.int32), s - 1)
-    if trials == 1 or score_rows >= s:
+    if not _importance_sampled(s, trials, init, score_rows):
         return first, _uniforms(k_cand, (batch, max(k - 1, 1), trials))
     steps, _, chunks = _greedy_steps(k)
     return (first, _uniforms(k_cand, (batch, steps, _PICKS * trials)),
@@ -415,14 +423,13 @@ def _seed_core(x: jax.Array, draws: tuple, k: int, trials: int, init: str,
     uis = draws[2]
     e = score_rows
     steps, per, chunks = _greedy_steps(k)
-    tiny = jnp.float32(np.finfo(np.float32).tiny)
     cents = jnp.zeros((1 + steps * _PICKS, d), jnp.float32).at[0].set(c0)
 
     def chunk(ci, carry):
         cents, dmin, owner = carry
         rows = _d2_sample(dmin, uis[ci])  # (e,) drawn with probability dmin / sum(dmin)
         xr, xxr, dr = x[rows], xx[rows], dmin[rows]
-        weight = jnp.sum(dmin) / (e * jnp.maximum(dr, tiny))
+        weight = jnp.sum(dmin) / (e * jnp.maximum(dr, _TINY))
 
         def step(j, carry):
             cents, dmin, owner, dr = carry
@@ -455,12 +462,6 @@ def _seed_core(x: jax.Array, draws: tuple, k: int, trials: int, init: str,
     owner = jnp.zeros((s,), jnp.int32)
     cents, dmin, owner = lax.fori_loop(0, chunks, chunk, (cents, dmin, owner))
     return (cents[:k], owner, dmin) if track else cents[:k]
-
-
-def _tracks(s: int, trials: int, init: str, score_rows: int | None) -> bool:
-    """Whether seeding ``s`` rows takes the importance-sampled path, which can return the
-    rows' assignment to the seeds (see :func:`_seed_core`)."""
-    return init != "random" and trials > 1 and score_rows is not None and score_rows < s
 
 
 def _seed_batched(key: jax.Array, x: jax.Array, k: int, trials: int, init: str,
@@ -624,7 +625,8 @@ def _fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
     # seeding on every training row also yields their assignment to the seeds: Lloyd starts
     # from it instead of computing it again
     score = cfg.score_size(xs.shape[1])
-    track = xs.shape[1] == x.shape[1] and _tracks(xs.shape[1], cfg.trials, cfg.init, score)
+    track = (xs.shape[1] == x.shape[1]
+             and _importance_sampled(xs.shape[1], cfg.trials, cfg.init, score))
 
     def one(xp, c0, start=None):  # coarse iterations on every stride-th row, then all rows
         done = jnp.int32(0)

@@ -263,7 +263,7 @@ def test_seeding_tracks_the_assignment_lloyd_starts_from():
     # nearest seed and its squared distance; Lloyd starts from them instead of re-assigning
     x = np.stack([clustered(s, 600, 40, 4) for s in (3, 4)])
     k, trials = 37, 4  # 37 - 1 centres: not a multiple of the picks per step
-    assert km._tracks(600, trials, "greedy", 64)
+    assert km._importance_sampled(600, trials, "greedy", 64)
     cents, owner, dmin = km._seed_batched(jax.random.key(1), jnp.asarray(x), k, trials,
                                           "greedy", 64, track=True)
     for b in range(2):
