@@ -4,9 +4,10 @@
   keys runs about 6x faster than its float comparator, which also orders NaNs).
 * :class:`PrefixSums`: compensated (double-float) prefix sums of sorted data, so any contiguous
   range sum costs two look-ups and is accurate to the float32 rounding of the range's own sum.
-* :func:`bucketize`: the index of the cell each value falls in for sorted thresholds; an unrolled
-  compare-count for small codebooks and an unrolled branch-free binary search for large ones
-  (``jnp.searchsorted``'s default runs at ~60 M values/s here).
+* :func:`bucketize`: the index of the cell each value falls in for sorted thresholds; a
+  branch-free binary search whose thresholds are picked by select trees (no gather) for up to
+  255 thresholds, one that gathers them for more (``jnp.searchsorted``'s default runs at ~60 M
+  values/s here).
 * :func:`range_errors`: the quantisation error of many candidate codebooks on sorted data at once.
 * :func:`lloyd_sorted`: Lloyd-Max iterations (MSE: weighted centroids; MAE: weighted medians) on
   sorted data, with a convergence test inside one ``lax.while_loop``.
@@ -126,6 +127,33 @@ def _df_cumsum(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi.T.reshape(-1)[:n], lo.T.reshape(-1)[:n]
 
 
+_TREE_MAX_DEPTH = 8  # select trees up to 255 thresholds; above, the gather is no slower
+
+
+def select(values: list, bits: list) -> jax.Array:
+    """``values[int(bits)]`` elementwise, for ``2**len(bits)`` values and boolean arrays ``bits``
+    (most significant first): a tree of ``jnp.where``, no gather."""
+    if not bits:
+        return values[0]
+    half = len(values) // 2
+    return jnp.where(bits[0], select(values[half:], bits[1:]), select(values[:half], bits[1:]))
+
+
+def search_bits(x: jax.Array, t: jax.Array) -> list:
+    """The bits (most significant first) of the number of thresholds ``<= x``, for ``2**d - 1``
+    sorted thresholds ``t``: ``d`` compares, each against the threshold the bits found so far
+    select. NaN compares false everywhere (all bits 0)."""
+    depth = (t.shape[0] + 1).bit_length() - 1
+    if t.shape[0] != (1 << depth) - 1:
+        raise ValueError(f"search_bits needs 2**d - 1 thresholds, got {t.shape[0]}")
+    bits = []
+    for level in range(depth):
+        step = 1 << (depth - level - 1)
+        options = [t[p * 2 * step + step - 1] for p in range(1 << level)]
+        bits.append(x >= select(options, bits))
+    return bits
+
+
 def bucketize(x: jax.Array, t: jax.Array) -> jax.Array:
     """Number of thresholds ``t`` (sorted ascending, 1-D) that are ``<= x``, as int32.
 
@@ -134,20 +162,19 @@ def bucketize(x: jax.Array, t: jax.Array) -> jax.Array:
     m = t.shape[0]
     if m == 0:
         return jnp.zeros(x.shape, jnp.int32)
-    if m <= 24:
-        # float accumulation vectorises better than int on XLA:CPU
-        acc = jnp.zeros(x.shape, jnp.float32)
-        for j in range(m):
-            acc = acc + jnp.where(x >= t[j], 1.0, 0.0)
-        return acc.astype(jnp.int32)
     depth = math.ceil(math.log2(m + 1))
     size = (1 << depth) - 1
     tp = jnp.concatenate([t, jnp.full((size - m,), jnp.inf, t.dtype)])
-    idx = jnp.zeros(x.shape, jnp.int32)
-    for d in reversed(range(depth)):
-        step = 1 << d
-        cand = idx + step
-        idx = jnp.where(x >= tp[cand - 1], cand, idx)
+    if depth <= _TREE_MAX_DEPTH:
+        idx = jnp.zeros(x.shape, jnp.int32)
+        for bit in search_bits(x, tp):
+            idx = (idx << 1) | bit.astype(jnp.int32)
+    else:
+        idx = jnp.zeros(x.shape, jnp.int32)
+        for d in reversed(range(depth)):
+            step = 1 << d
+            cand = idx + step
+            idx = jnp.where(x >= tp[cand - 1], cand, idx)
     return jnp.minimum(idx, m)  # +inf passes the +inf padding: keep it in range
 
 

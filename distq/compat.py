@@ -75,17 +75,11 @@ def _head_length(flat: np.ndarray) -> int | None:
     return ((-addr) % _ALIGN) // 4
 
 
-def _funnel_words(words, pad: int, k: int):
-    """Shifts a stream of ``[low, high]`` int64-layout words ``pad`` codes towards its start.
-
-    Every output word is the tail of one input word and the head of the next (a 64-bit funnel
-    shift done on the uint32 halves); the stream ends with zero codes.
-    """
-    if pad == 0:
-        return words
-    e = jnp.concatenate([words, jnp.zeros((1, 2), jnp.uint32)])
-    left, right = k * pad, 64 - k * pad  # bits taken from word j and from word j + 1
-    lo0, hi0, lo1, hi1 = e[:-1, 0], e[:-1, 1], e[1:, 0], e[1:, 1]
+def _funnel_words(a, b, left: int):
+    """``[low, high]`` int64-layout word rows ``a`` shifted ``left`` bits up, filled from the top
+    of the next rows ``b`` (a 64-bit funnel shift done on the uint32 halves)."""
+    lo0, hi0, lo1, hi1 = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    right = 64 - left
     if left >= 32:
         hi_a, lo_a = lo0 << (left - 32), jnp.zeros_like(lo0)
     else:
@@ -115,17 +109,25 @@ def _join_words(head, main_words, tail, t, lv, *, k):
         codes = nx.bucketize(vals, t)
         return _small_words(codes, k, lead), jnp.sum(jnp.abs(vals - lv[codes]))
 
-    parts = [main_words.reshape(-1, 2)]
     err = jnp.float32(0.0)
+    pre = post = jnp.zeros((0, 2), jnp.uint32)
     if head.shape[0]:
-        words, e = small(head, pad)
-        parts, err = [words] + parts, err + e
+        pre, e = small(head, pad)
+        err = err + e
     if tail.shape[0]:
-        words, e = small(tail, 0)
-        parts, err = parts + [words], err + e
-    out = _funnel_words(jnp.concatenate(parts) if len(parts) > 1 else parts[0], pad, k)
+        post, e = small(tail, 0)
+        err = err + e
     n_words = -(-(head.shape[0] + main_words.shape[0] // 2 * per64 + tail.shape[0]) // per64)
-    return out[:n_words].reshape(-1), err
+    m = main_words.reshape(-1, 2)
+    if pad == 0:
+        return jnp.concatenate([pre, m, post]).reshape(-1)[: 2 * n_words], err
+    # the stream [pre, m, post, 0] shifted `pad` codes towards its start. The main words are
+    # shifted on their own (one fused pass: a concatenation of them with the few boundary words
+    # would be materialised first), and the boundary words are shifted apart and joined on
+    first = jnp.concatenate([pre, m[:1]])
+    last = jnp.concatenate([m[-1:], post, jnp.zeros((1, 2), jnp.uint32)])
+    out = jnp.concatenate([_funnel_words(w[:-1], w[1:], k * pad) for w in (first, m, last)])
+    return out.reshape(-1)[: 2 * n_words], err
 
 
 def _word_path(packbits: bool, k: int, n: int) -> bool:
@@ -190,10 +192,8 @@ def _words_u32(xv, t, k):
     per = xv.shape[1]
     w = jnp.zeros(xv.shape[:1], jnp.uint32)
     for j in range(per):
-        c = jnp.zeros_like(w)
-        for i in range(t.shape[0]):
-            c = c + (xv[:, j] >= t[i]).astype(jnp.uint32)
-        w = w | (c << (k * (per - 1 - j)))
+        for b, bit in enumerate(nx.search_bits(xv[:, j], t)):
+            w = w | (bit.astype(jnp.uint32) << (k * (per - j) - 1 - b))
     return w
 
 
@@ -202,28 +202,22 @@ def _encode_u32(x, t, *, k):
     """Widths dividing 32: the reference's int64 words as ``[low, high]`` uint32 pairs.
 
     Each half holds ``32 // k`` codes, first code most significant; the input is padded to whole
-    int64 words with code 0. One pass over ``x``: each half compares its values with the
-    thresholds and sums the outcomes; on a little-endian host the result *is* the int64 array.
+    int64 words with code 0. One pass over ``x``: consecutive runs of ``32 // k`` values become
+    one uint32 each (a binary search per value), and each pair swaps into ``[low, high]`` order;
+    on a little-endian host the result *is* the int64 array. Fewer than ``2**k - 1`` thresholds
+    are padded with ``+inf`` (no finite value reaches them).
     """
     per, per64 = 32 // k, 64 // k
     size = x.shape[0]
     padded = -(-size // per64) * per64
-    xp = jnp.pad(x, (0, padded - size), constant_values=-jnp.inf).reshape(-1, 2, per)
-    low, high = _words_u32(xp[:, 1], t, k), _words_u32(xp[:, 0], t, k)
-    return jnp.stack([low, high], axis=1).reshape(-1)
+    t = jnp.concatenate([t, jnp.full(((1 << k) - 1 - t.shape[0],), jnp.inf, t.dtype)])
+    xp = jnp.pad(x, (0, padded - size), constant_values=-jnp.inf).reshape(-1, per)
+    return _words_u32(xp, t, k).reshape(-1, 2)[:, ::-1].reshape(-1)
 
 
 @jax.jit
 def _sum(v):
     return jnp.sum(v)
-
-
-def _select(values, bits):
-    """``values[int(bits)]`` for a list of ``2**len(bits)`` values, most significant bit first."""
-    if not bits:
-        return values[0]
-    half = len(values) // 2
-    return jnp.where(bits[0], _select(values[half:], bits[1:]), _select(values[:half], bits[1:]))
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -240,7 +234,7 @@ def _abs_error_u32(x, words, lv, *, k):
     for j in range(per):
         c = words >> (k * (per - 1 - j))
         bits = [(c & (1 << b)) != 0 for b in range(k - 1, -1, -1)]
-        err = err + jnp.abs(xp[:, j] - _select(levels, bits))
+        err = err + jnp.abs(xp[:, j] - nx.select(levels, bits))
     return err
 
 
@@ -311,21 +305,23 @@ def _run(parts, beta, *, dists, n, search, zero):
 
 
 def _encode(parts, t, lv, k: int, packbits: bool):
-    """(NumPy int64 words or codes, summed absolute error)."""
+    """Dispatches the encoding and returns a function that awaits it and gives
+    ``(NumPy int64 words or codes, summed absolute error)``."""
     if len(parts) == 3:  # head, aligned main part of whole words, tail (the word path only)
         head, main, tail = parts
         main_words = _encode_u32(main, t, k=k)
-        # both dispatched before either result is awaited
         err = _sum(_abs_error_u32(main, main_words, lv, k=k))
         words, small_err = _join_words(head, main_words, tail, t, lv, k=k)
-        return np.asarray(words).view(np.int64), float(err) + float(small_err)
+        return lambda: (np.asarray(words).view(np.int64), float(err) + float(small_err))
     x = parts[0]
     if _word_path(packbits, k, t.shape[0] + 1):
         words = _encode_u32(x, t, k=k)
-        q = np.asarray(words).view(np.int64)  # little-endian [low, high] pairs
-        return q, float(_sum(_abs_error_u32(x, words, lv, k=k)))
-    else:
-        out, err = _encode_generic(x, t, lv, k=k, packbits=packbits)
+        err = _sum(_abs_error_u32(x, words, lv, k=k))
+        # little-endian [low, high] pairs
+        return lambda: (np.asarray(words).view(np.int64), float(err))
+    out, err = _encode_generic(x, t, lv, k=k, packbits=packbits)
+
+    def collect():
         if packbits and isinstance(out, tuple):
             q = np.empty((out[0].shape[0], 2), np.uint32)
             q[:, 0], q[:, 1] = np.asarray(out[0]), np.asarray(out[1])
@@ -334,7 +330,9 @@ def _encode(parts, t, lv, k: int, packbits: bool):
             q = bitpack.int64_from_halves(np.asarray(out))
         else:
             q = np.asarray(out).astype(np.int64)
-    return q, float(np.sum(np.asarray(err), dtype=np.float64))
+        return q, float(np.sum(np.asarray(err), dtype=np.float64))
+
+    return collect
 
 
 def quantize(
@@ -424,7 +422,9 @@ def quantize(
         dists=dists, n=n,
         search=beta is None, zero=zero,
     )
-    # the scalars in one device-to-host transfer
+    # encoding is dispatched before the statistics are awaited (on NaN/inf input its result is
+    # dropped); the scalars come in one device-to-host transfer
+    collect = _encode(enc_parts, t, lv, codes_bits, bool(packbits))
     finite, row, col, loc, scale = jax.device_get((finite, row, col, loc, scale))
     if not bool(finite):
         bad = int(np.sum(~np.isfinite(flat)))
@@ -435,7 +435,7 @@ def quantize(
     row = int(row)
     if beta is None:  # report the grid value itself, as the reference does
         beta = S.beta_grid(dists[row].family)[int(col)]
-    q, abs_error = _encode(enc_parts, t, lv, codes_bits, bool(packbits))
+    q, abs_error = collect()
     if not packbits:
         q = q.reshape(shape)
     info = {

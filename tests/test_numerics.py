@@ -27,13 +27,25 @@ def test_sort_float_matches_numpy_including_signed_zero_and_extremes():
     assert np.allclose(np.sort(np.asarray(ws)), np.sort(w))
 
 
-@pytest.mark.parametrize("m", [0, 1, 7, 24, 25, 255, 1000])
-def test_bucketize_equals_searchsorted(m):
+@pytest.mark.parametrize("m", [0, 1, 3, 7, 15, 24, 100, 255, 256, 1000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_bucketize_equals_searchsorted(m, ties):
+    # select-tree search up to 255 thresholds, gathered search above: both against numpy,
+    # with repeated thresholds too (constant data gives all-equal ones)
     rng = np.random.default_rng(m)
     t = np.sort(rng.standard_normal(m)).astype(np.float32)
+    if ties:
+        t = np.round(t, 1)
     x = np.concatenate([rng.standard_normal(20_000) * 2, t, [np.inf, -np.inf]]).astype(np.float32)
     got = np.asarray(jax.jit(nx.bucketize)(jnp.asarray(x), jnp.asarray(t)))
     np.testing.assert_array_equal(got, np.searchsorted(t, x, side="right"))
+    if m:
+        assert int(nx.bucketize(jnp.asarray([np.nan], jnp.float32), jnp.asarray(t))[0]) == 0
+
+
+def test_search_bits_needs_a_full_tree():
+    with pytest.raises(ValueError, match="2\\*\\*d - 1"):
+        nx.search_bits(jnp.zeros(3), jnp.zeros(4))
 
 
 def test_prefix_sums_ranges_are_accurate():
