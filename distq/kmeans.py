@@ -295,7 +295,22 @@ def assign(x: jax.Array, centroids: jax.Array, block: int = 4096,
 
 
 # ---------------------------------------------------------------------------------- seeding
-_BLOCK = 64  # rows per bucket of the two-level D^2 sampler
+_BLOCK = 64  # rows per bucket of the two-level D^2 sampler (a divisor of S near it if any)
+
+
+def _bucket_size(s: int) -> int:
+    """Rows per bucket: a divisor of ``s`` between 32 and 128 closest to ``_BLOCK`` (no padded
+    copy of the distances at every draw), else ``_BLOCK``."""
+    divisors = [b for b in range(32, 129) if s % b == 0]
+    return min(divisors, key=lambda b: abs(b - _BLOCK)) if divisors else _BLOCK
+
+
+def _prefix_sums(v: jax.Array) -> jax.Array:
+    """Inclusive prefix sums along the last axis as a product with a triangular matrix of ones
+    (these axes are short; XLA:CPU's cumulative sum is a slow reduce-window)."""
+    n = v.shape[-1]
+    tri = (lax.iota(jnp.int32, n)[:, None] <= lax.iota(jnp.int32, n)[None, :]).astype(v.dtype)
+    return jnp.matmul(v, tri, precision=lax.Precision.HIGHEST)
 
 
 def _d2_sample(dmin: jax.Array, u: jax.Array) -> jax.Array:
@@ -305,16 +320,17 @@ def _d2_sample(dmin: jax.Array, u: jax.Array) -> jax.Array:
     draw costs ``O(S)`` for the totals instead of a full prefix sum and binary search.
     """
     s = dmin.shape[0]
-    nb = -(-s // _BLOCK)
-    w = jnp.pad(dmin, (0, nb * _BLOCK - s)).reshape(nb, _BLOCK)
+    blk = _bucket_size(s)
+    nb = -(-s // blk)
+    w = (dmin if nb * blk == s else jnp.pad(dmin, (0, nb * blk - s))).reshape(nb, blk)
     tot = jnp.sum(w, axis=1)
-    cum = jnp.cumsum(tot)
+    cum = _prefix_sums(tot)
     target = u * cum[-1]
     b = jnp.minimum(jnp.sum(cum[None, :] <= target[:, None], axis=1), nb - 1)
     rest = target - (cum[b] - tot[b])
-    inner = jnp.cumsum(w[b], axis=1)
-    j = jnp.minimum(jnp.sum(inner <= rest[:, None], axis=1), _BLOCK - 1)
-    return jnp.minimum(b * _BLOCK + j, s - 1)
+    inner = _prefix_sums(w[b])
+    j = jnp.minimum(jnp.sum(inner <= rest[:, None], axis=1), blk - 1)
+    return jnp.minimum(b * blk + j, s - 1)
 
 
 def _mix32(h: jax.Array) -> jax.Array:
@@ -441,7 +457,9 @@ def _seed_core(x: jax.Array, draws: tuple, k: int, trials: int, init: str,
             picked = []
             taken = jnp.zeros(cand.shape, bool)  # a row picked in this step is not picked again
             for _ in range(_PICKS):
-                gain = jnp.sum(weight[None, :] * jnp.maximum(dr[None, :] - dc, 0.0), axis=1)
+                # a matrix-vector product: a weighted sum over the broadcast weights would
+                # materialise them at every pick
+                gain = jnp.maximum(dr[None, :] - dc, 0.0) @ weight
                 jb = jnp.argmax(jnp.where(taken, -1.0, gain))
                 picked.append(cand[jb])
                 taken = taken | (cand == cand[jb])

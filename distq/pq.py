@@ -570,7 +570,7 @@ def _split(x: jax.Array, m: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _sample(key: jax.Array, x: jax.Array, spec: PQ):
-    """The training rows ``(S, D)`` and their sub-spaces ``(m, S, D / m)``.
+    """A random subset of the rows ``(S, D)`` and its sub-spaces ``(m, S, D / m)``.
 
     A computation of its own: inside the k-means computation XLA:CPU turns the sub-space
     transpose into a layout change of every later read, which made the whole fit 20 % slower.
@@ -579,14 +579,24 @@ def _sample(key: jax.Array, x: jax.Array, spec: PQ):
     return xs, _split(xs, spec.m)
 
 
+@functools.partial(jax.jit, static_argnames=("m",))
+def _split_float32(x: jax.Array, m: int) -> jax.Array:
+    return _split(x.astype(jnp.float32), m)
+
+
 def _fit(key: jax.Array, x: jax.Array, spec: PQ):
     k_sample, k_fit = jax.random.split(key)
-    return _fit_sample(k_fit, *_sample(k_sample, x, spec), spec)
+    if spec.kmeans().sample_size(x.shape[0]) < x.shape[0]:
+        xs, xsplit = _sample(k_sample, x, spec)
+    else:  # every row trains: no copy of them, only their sub-spaces
+        xs, xsplit = x, _split_float32(x, spec.m)
+    return _fit_sample(k_fit, xs, xsplit, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _fit_sample(k_fit: jax.Array, xs: jax.Array, xsplit: jax.Array, spec: PQ):
     cfg = spec.kmeans()
+    xs = xs.astype(jnp.float32)
     dim = xs.shape[1]
     m = spec.m
     res = km._fit_batched(k_fit, xsplit, cfg)
