@@ -275,3 +275,21 @@ def test_seeding_tracks_the_assignment_lloyd_starts_from():
         assert got.min() >= 0 and got.max() < k
         chosen = ((x[b].astype(np.float64) - c[got]) ** 2).sum(1)
         np.testing.assert_allclose(chosen, ref_d2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("s", [37, 4999, 5000, 6400])
+def test_d2_sampler_is_the_inverse_cdf(s):
+    # buckets that divide S (5000 -> 50 rows, 6400 -> 64) or a padded last bucket (37, 4999):
+    # every draw is numpy's inverse CDF of dmin / sum(dmin) up to float rounding at the cell
+    # edges, and a row of weight zero is never drawn
+    rng = np.random.default_rng(s)
+    dmin = (rng.random(s) ** 3).astype(np.float32)
+    dmin[rng.random(s) < 0.3] = 0.0
+    u = ((np.arange(20_000) + 0.5) / 20_000).astype(np.float32)
+    got = np.asarray(jax.jit(km._d2_sample)(jnp.asarray(dmin), jnp.asarray(u)))
+    cdf = np.cumsum(dmin.astype(np.float64))
+    want = np.searchsorted(cdf / cdf[-1], u.astype(np.float64), side="right")
+    assert np.mean(got == want) > 0.999
+    assert np.all(dmin[got] > 0)
+    assert km._bucket_size(5000) == 50 and km._bucket_size(6400) == 64
+    assert km._bucket_size(4999) == km._BLOCK
