@@ -3,8 +3,8 @@
 Same arguments, same semantics, same ``info`` keys and the same int64 bit layout, so code written
 for ``distquant`` keeps working (and can dequantise what ``distquant`` packed, and vice versa).
 It is built on distq's kernels: the ``beta``/``dist`` searches score every candidate on one sorted
-copy of the data in a single jitted computation, and encoding compares each value with the
-``n - 1`` decision thresholds precomputed in data space.
+copy of the data in a single jitted computation, and encoding finds each value's cell among the
+``n - 1`` decision thresholds precomputed in data space (a branch-free binary search).
 
 Deliberate differences from distquant 0.1.0 (its known defects):
 
@@ -132,7 +132,7 @@ def _join_words(head, main_words, tail, t, lv, *, k):
 
 def _word_path(packbits: bool, k: int, n: int) -> bool:
     """Codes go straight into int64 words by the word kernel: packed, ``k`` dividing 32, and
-    few enough levels for its compare-and-count."""
+    few enough levels for its unrolled search (in effect k <= 4)."""
     return bool(packbits) and 32 % k == 0 and n - 1 < _FUSED_MAX_LEVELS
 
 
