@@ -218,8 +218,9 @@ def test_statistics_with_a_large_mean():
     assert math.isclose(info["scale"], y.astype(np.float64).std(ddof=1), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("k", [1, 4, 8, 16])
-def test_misaligned_and_ragged_inputs_pack_exactly(k):
+@pytest.mark.parametrize("k,zero", [(1, None), (2, None), (4, None), (4, 0.0), (8, None),
+                                    (16, None)])
+def test_misaligned_and_ragged_inputs_pack_exactly(k, zero):
     # Large inputs on the word path are read in place from their first 64-byte boundary: the
     # values before it and after the last whole word are encoded apart and the words joined by
     # a funnel shift. Half-integers in [-2, 2] keep every float32 sum exact whatever the split,
@@ -229,9 +230,10 @@ def test_misaligned_and_ragged_inputs_pack_exactly(k):
     for h in (0, 1, 7, 12, 15):
         x = base[h : h + 131_077]  # misaligned by h floats, and not a whole number of words
         assert compat._head_length(x) == (16 - h) % 16
-        q, info = compat.quantize(x, k=k, dist="gaussian", beta=1.0)
+        # (zero with k=4: 15 levels, the word kernel's search padded with an infinite threshold)
+        q, info = compat.quantize(x, k=k, dist="gaussian", beta=1.0, zero=zero)
         ref, ref_info = compat.quantize(np.array(x), k=k, dist="gaussian", beta=1.0,
-                                        packbits=False)
+                                        packbits=False, zero=zero)
         np.testing.assert_array_equal(q, bitpack.int64_from_halves(
             bitpack.pack_int64_halves(ref.astype(np.uint32), k)))
         assert info["loc"] == ref_info["loc"] and info["scale"] == ref_info["scale"]
