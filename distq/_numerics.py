@@ -154,6 +154,12 @@ def search_bits(x: jax.Array, t: jax.Array) -> list:
     return bits
 
 
+def full_tree(t: jax.Array, depth: int) -> jax.Array:
+    """Sorted thresholds ``t`` padded with ``+inf`` to the ``2**depth - 1`` of a search tree
+    (no finite value reaches the padding)."""
+    return jnp.concatenate([t, jnp.full(((1 << depth) - 1 - t.shape[0],), jnp.inf, t.dtype)])
+
+
 def bucketize(x: jax.Array, t: jax.Array) -> jax.Array:
     """Number of thresholds ``t`` (sorted ascending, 1-D) that are ``<= x``, as int32.
 
@@ -163,8 +169,7 @@ def bucketize(x: jax.Array, t: jax.Array) -> jax.Array:
     if m == 0:
         return jnp.zeros(x.shape, jnp.int32)
     depth = math.ceil(math.log2(m + 1))
-    size = (1 << depth) - 1
-    tp = jnp.concatenate([t, jnp.full((size - m,), jnp.inf, t.dtype)])
+    tp = full_tree(t, depth)
     if depth <= _TREE_MAX_DEPTH:
         idx = jnp.zeros(x.shape, jnp.int32)
         for bit in search_bits(x, tp):

@@ -39,7 +39,8 @@ from . import search as S
 from ._quantitize import CompressionReport, Quantitized, compression_report, quantitize  # noqa: F401
 
 _ALIGN = 64  # XLA:CPU aliases host buffers aligned to this many bytes instead of copying them
-_WORD_MAX_LEVELS = 32
+_WORD_MAX_LEVELS = 32  # the word kernel's unrolled search serves fewer levels than this
+_SELECT_MAX_LEVELS = 32  # up to this many levels a select tree beats a gather
 _SPLIT_MIN = 1 << 16  # below this many values an aligned copy costs next to nothing
 
 
@@ -174,7 +175,7 @@ def _encode_u32(x, t, *, k):
     per, per64 = 32 // k, 64 // k
     size = x.shape[0]
     padded = -(-size // per64) * per64
-    t = jnp.concatenate([t, jnp.full(((1 << k) - 1 - t.shape[0],), jnp.inf, t.dtype)])
+    t = nx.full_tree(t, k)
     xp = jnp.pad(x, (0, padded - size), constant_values=-jnp.inf).reshape(-1, per)
     return _words_u32(xp, t, k).reshape(-1, 2)[:, ::-1].reshape(-1)
 
@@ -182,6 +183,13 @@ def _encode_u32(x, t, *, k):
 @jax.jit
 def _sum(v):
     return jnp.sum(v)
+
+
+def _level_select(c, lv, k: int):
+    """``lv[c & (2**k - 1)]`` for uint32 ``c``: a select tree on the code's low ``k`` bits (no
+    gather); codes past the last level read the last level."""
+    levels = [lv[min(i, lv.shape[0] - 1)] for i in range(1 << k)]
+    return nx.select(levels, [(c & (1 << b)) != 0 for b in range(k - 1, -1, -1)])
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -198,12 +206,9 @@ def _abs_error_u32(x, words, lv, *, k):
         xp = xp.reshape(n_words, per)
     else:
         xp = xp.reshape(-1, 2, per)[:, ::-1].reshape(n_words, per)  # [low, high] halves
-    levels = [lv[min(i, lv.shape[0] - 1)] for i in range(1 << k)]
     err = jnp.zeros((n_words,), jnp.float32)
     for j in range(per):
-        c = words >> (k * (per - 1 - j))
-        bits = [(c & (1 << b)) != 0 for b in range(k - 1, -1, -1)]
-        err = err + jnp.abs(xp[:, j] - nx.select(levels, bits))
+        err = err + jnp.abs(xp[:, j] - _level_select(words >> (k * (per - 1 - j)), lv, k))
     return err
 
 
@@ -223,11 +228,8 @@ def _abs_error_codes(x, codes, lv):
     """``sum |x - lv[codes]|`` (the barrier keeps the per-value errors out of the sum's fusion:
     XLA:CPU's reduction emitter does not vectorise such producers)."""
     n = lv.shape[0]
-    if n <= _WORD_MAX_LEVELS:  # the level by a select tree on the code's bits, not a gather
-        k = max(1, (n - 1).bit_length())
-        c = codes.astype(jnp.uint32)
-        bits = [(c & (1 << b)) != 0 for b in range(k - 1, -1, -1)]
-        level = nx.select([lv[min(i, n - 1)] for i in range(1 << k)], bits)
+    if n <= _SELECT_MAX_LEVELS:
+        level = _level_select(codes.astype(jnp.uint32), lv, max(1, (n - 1).bit_length()))
     else:
         level = lv[codes]
     return jnp.sum(lax.optimization_barrier(jnp.abs(x - level)))
@@ -301,7 +303,7 @@ def _run(parts, beta, *, dists, n, search, zero):
     return t, lv, row, col, offs[row], muls[row], finite
 
 
-def _encode(parts, t, lv, k: int, packbits: bool):
+def _encode(parts, t, lv, k: int, packbits: bool, word_path: bool):
     """Dispatches the encoding and returns a function that awaits it and gives
     ``(NumPy int64 words or codes, summed absolute error)``."""
     if len(parts) == 3:  # head, aligned main part of whole words, tail (the word path only)
@@ -311,7 +313,7 @@ def _encode(parts, t, lv, k: int, packbits: bool):
         words, small_err = _join_words(head, main_words, tail, t, lv, k=k)
         return lambda: (np.asarray(words).view(np.int64), float(err) + float(small_err))
     x = parts[0]
-    if _word_path(packbits, k, t.shape[0] + 1):
+    if word_path:
         words = _encode_u32(x, t, k=k)
         err = _sum(_abs_error_u32(x, words, lv, k=k))
         # little-endian [low, high] pairs
@@ -414,7 +416,7 @@ def quantize(
     )
     # encoding is dispatched before the statistics are awaited (on NaN/inf input its result is
     # dropped); the scalars come in one device-to-host transfer
-    collect = _encode(enc_parts, t, lv, codes_bits, bool(packbits))
+    collect = _encode(enc_parts, t, lv, codes_bits, bool(packbits), word_path)
     finite, row, col, loc, scale = jax.device_get((finite, row, col, loc, scale))
     if not bool(finite):
         bad = int(np.sum(~np.isfinite(flat)))
