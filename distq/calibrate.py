@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from . import _numerics as nx
-from . import bitpack
-from .qarray import outlier_values
+from .core import _numerics as nx
+from .core import bitpack
+from .core.qarray import QArray, outlier_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,15 +397,12 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
 
     Specs without a scalar grid (PQ, Cast) are quantised as usual.
     """
-    from .scalar import NF4, Scalar, Uniform
-    from .tree import quantize_leaf
-
     opts = options or Calibration()
-    if not isinstance(spec, (Scalar, Uniform, NF4)) or jnp.ndim(x) != 2:
-        return quantize_leaf(x, spec)
-    axis, h = gram
     x = jnp.asarray(x)
-    q0 = quantize_leaf(x, spec)
+    q0 = spec.quantize(x)
+    if not isinstance(q0, QArray) or q0.ndim != 2:  # no scalar grid to round on
+        return q0
+    axis, h = gram
     scale = q0.per_value(q0.scale)
     loc = q0.per_value(q0.loc) if q0.loc is not None else jnp.zeros(q0.shape, jnp.float32)
     # columns = the contracted (input) axis
@@ -417,13 +414,13 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
         exact = exact.at[pos].set(True)
     exact = q0.layout.from_rows(exact.reshape(g, -1), q0.shape)
     codes, codebook, kept = _gptq_jit(t(x.astype(jnp.float32)), h.astype(jnp.float32),
-                                      t(scale), t(loc), q0.codebook, opts, t(exact))
+                                      t(scale), t(loc), q0.levels(), opts, t(exact))
     codes = t(codes)
-    if isinstance(spec, (Uniform, NF4)):  # their grids are fixed by definition
-        codebook = q0.codebook
     rows = q0.layout.to_rows(codes.astype(jnp.uint32))
     packed = bitpack.pack(rows.reshape(-1), q0.bits)
-    q = dataclasses.replace(q0, codes=packed, codebook=codebook.astype(q0.codebook.dtype))
+    q = dataclasses.replace(q0, codes=packed)
+    if getattr(spec, "refits_levels", False):  # other grids are fixed by definition
+        q = dataclasses.replace(q, codebook=codebook.astype(q0.codebook.dtype))
     if not q0.n_outliers:
         return q
     grp = pos // (q0.size // g)  # each outlier's scaling group

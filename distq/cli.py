@@ -413,7 +413,7 @@ def _match(rules, path: str) -> tuple[Any, int | None]:
 def _problem(leaf, spec) -> str | None:
     """Why ``spec`` cannot be applied to ``leaf`` (checked before any work), or ``None``."""
     import distq
-    from .scalar import layout_for
+    from .core.scalar import layout_for
 
     shape = tuple(leaf.shape)
     try:

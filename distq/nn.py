@@ -57,11 +57,13 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from . import _checks, bitpack
-from . import pq as _pq
-from . import tree as _tree
-from .qarray import QArray
-from .scalar import NF4, Scalar, Uniform
+from .core import _checks, bitpack
+from .core import pq as _pq
+from . import planning as _plan
+from . import ste as _ste
+from .core import spec as _spec
+from .integrations import flax as _flax  # noqa: F401 (flax.serialization knows our leaves)
+from .core.qarray import QArray
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -113,12 +115,13 @@ def _check_pq_spec(spec: Any) -> _pq.PQ:
 
 
 def _check_scalar_spec(spec: Any):
-    if isinstance(spec, _pq.PQ):
-        raise ValueError("spec: QAT layers take a scalar spec (distq.Scalar, Uniform, NF4, Cast); "
-                         "for product quantisation use PQDense/PQConv (trainable codebooks)")
-    if not isinstance(spec, (Scalar, Uniform, NF4, _tree.Cast)):
-        raise TypeError("spec must be a distq.Scalar, distq.Uniform, distq.NF4 or distq.Cast, "
-                        f"got {type(spec).__name__}")
+    _spec.check_spec(spec)
+    if spec is None:
+        raise TypeError("spec must be a distq spec (distq.Scalar, Uniform, NF4, Cast), got None")
+    if getattr(spec, "randomized", False):
+        raise ValueError(f"spec: QAT layers take a deterministic spec (distq.Scalar, Uniform, "
+                         f"NF4, Cast), not {type(spec).__name__}; for product quantisation use "
+                         "PQDense/PQConv (trainable codebooks)")
     return spec
 
 
@@ -219,7 +222,7 @@ def _pq_product(x2: Array, codebooks: Array, codes: Array, rotation: Array | Non
         if rotation is not None:
             x2 = jnp.matmul(x2, rotation.astype(x2.dtype), precision=precision)
         return _table_matmul(x2, codebooks, codes, precision)
-    v = _pq._decode_codes(codes, codebooks, rotation, codebooks.dtype)
+    v = _pq.decode_codes(codes, codebooks, rotation, codebooks.dtype)
     return lax.dot_general(x2, v, (((1,), (1,)), ((), ())), precision=precision)
 
 
@@ -301,7 +304,7 @@ class _PQBase(nnx.Module):
     def vectors(self) -> Array:
         """The decoded ``(num_vectors, vector_size)`` matrix of quantised vectors."""
         cb = self.codebooks[...]
-        return _pq._decode_codes(self.codes_unpacked(), cb, _value(self.rotation), cb.dtype)
+        return _pq.decode_codes(self.codes_unpacked(), cb, _value(self.rotation), cb.dtype)
 
     def as_pqarray(self) -> _pq.PQArray:
         """The vectors as a :class:`distq.pq.PQArray` (same arrays, nothing is copied)."""
@@ -535,7 +538,7 @@ class PQEmbed(_PQBase):
         codes = bitpack.take(self.codes[...], self.bits, pos)
         dt = self._out_dtype()
         rot = _value(self.rotation)
-        rows = _pq._decode_codes(codes, self.codebooks[...], rot, dt)
+        rows = _pq.decode_codes(codes, self.codebooks[...], rot, dt)
         rows = jnp.where(valid[:, None], rows, jnp.nan)
         return rows.reshape(inputs.shape + (self.features,))
 
@@ -780,17 +783,17 @@ class _QATBase(nnx.Module):
 
     def fake_quantized_kernel(self) -> Array:
         """``distq.fake_quantize(kernel, spec, clip)``: quantised values, straight-through grad."""
-        return _tree.fake_quantize(self.kernel[...], self.spec, self.clip)
+        return _ste.fake_quantize(self.kernel[...], self.spec, self.clip)
 
-    def quantized(self) -> QArray | _tree.CastArray:
+    def quantized(self) -> Any:
         """The kernel quantised with ``spec`` (a :class:`distq.QArray`, or a ``CastArray``)."""
-        return _tree.quantize_leaf(self.kernel[...], self.spec)
+        return self.spec.resolve(tuple(self.kernel.shape)).quantize(self.kernel[...])
 
     @property
     def nbytes(self) -> int:
         """True bytes after quantisation: the quantised kernel plus the (float) bias."""
         b = _value(self.bias)
-        return int(self.quantized().nbytes) + (0 if b is None else _tree.leaf_nbytes(b))
+        return int(self.quantized().nbytes) + (0 if b is None else _plan.leaf_nbytes(b))
 
 
 class QATDense(_QATBase):
@@ -937,7 +940,7 @@ def model_size(model: Any) -> int:
       1408
     """
     tree = nnx.state(model, nnx.Not(nnx.RngState)) if isinstance(model, nnx.Module) else model
-    return int(_tree.tree_nbytes(tree))
+    return int(_plan.tree_nbytes(tree))
 
 
 def _path_str(path: tuple) -> str:

@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from distq import bitpack
+from distq.core import bitpack
 
 
 def best_time(fn, reps: int) -> float:

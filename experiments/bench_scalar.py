@@ -192,7 +192,7 @@ def main():
     else:
         t_ref = float("nan")
     emit(f"| dist=None, 1M, k=4 (s) | {t_ours:.3f} | {t_ref:.1f} | {t_ref / t_ours:.0f}x |")
-    from distq import _numerics
+    from distq.core import _numerics
 
     xj = jax.device_put(x10)
     for n in (16, 256):

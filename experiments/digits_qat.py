@@ -169,7 +169,7 @@ class Row:
 
 def kernel_count(params) -> int:
     return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-               if distq.tree.path_str(p).endswith("kernel"))
+               if distq.planning.path_str(p).endswith("kernel"))
 
 
 def fmt_acc(accs) -> str:

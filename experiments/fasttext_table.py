@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 import distq
-from distq._quantitize import compression_report, deep_sizeof, quantitize, take_rows
+from distq.compat.quantitize import compression_report, deep_sizeof, quantitize, take_rows
 
 OUT = Path(__file__).parent / "out" / "fasttext_table.md"
 MB = 2 ** 20

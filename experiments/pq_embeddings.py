@@ -46,7 +46,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import distq
-import distq.pq as P
+import distq.core.pq as P
 
 try:
     import faiss

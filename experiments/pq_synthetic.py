@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import distq.kmeans as km
-import distq.pq as P
+import distq.core.kmeans as km
+import distq.core.pq as P
 
 try:
     import faiss

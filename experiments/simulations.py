@@ -45,8 +45,8 @@ from scipy import integrate, stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distq import distributions as D  # noqa: E402
-from distq.search import beta_grid  # noqa: E402  (the reference's 37- and 31-value grids)
+from distq.core import distributions as D  # noqa: E402
+from distq.core.search import beta_grid  # noqa: E402  (the reference's 37- and 31-value grids)
 
 FIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 

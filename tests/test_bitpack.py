@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distq import bitpack
-from distq.bitpack import (
+from distq.core import bitpack
+from distq.core.bitpack import (
     halves_from_int64,
     int64_from_halves,
     int64_nwords,

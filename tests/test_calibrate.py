@@ -34,7 +34,7 @@ def _data(key, n=512, d=32):
 def test_collect_finds_the_gram_matrix_of_each_matmul_input():
     p, x = _params(), _data(1)
     leaves = jax.tree_util.tree_flatten_with_path(p)[0]
-    paths = [distq.tree.path_str(k) for k, _ in leaves]
+    paths = [distq.planning.path_str(k) for k, _ in leaves]
     grams = calibrate.collect(p, (_apply, (x,)), paths, [True] * len(paths))
     assert set(grams) == {"l1/kernel", "l2/weight", "head"}
     xn = np.asarray(x, np.float64)

@@ -118,8 +118,8 @@ def test_parse_spec(text, want):
     distq.PQ(m=8, bits=4, opq=True), distq.Cast("float16"),
 ])
 def test_parse_spec_reads_spec_str(spec):
-    """What reports print (``distq.tree.spec_str``) parses back to the same spec."""
-    assert parse_spec(distq.tree.spec_str(spec)) == spec
+    """What reports print (``distq.spec_str``) parses back to the same spec."""
+    assert parse_spec(distq.spec_str(spec)) == spec
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -214,7 +214,7 @@ def test_quantize_values_match_the_library(quantized):
                        ("encoder.layer.1.dense.weight", distq.Scalar(bits=3)),
                        ("embeddings.LayerNorm.weight", distq.Uniform(bits=8))]:
         # a model weight: the CLI resolves Scalar's automatic fields from the leaf's name
-        ref = distq.quantize(t[name], distq.tree.resolve_spec(spec, name, t[name]))
+        ref = distq.quantize(t[name], spec.resolve(t[name].shape, role=distq.planning.leaf_role(name)))
         got = q[name]
         assert isinstance(got, distq.QArray), name
         np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))

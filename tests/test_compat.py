@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from distq import bitpack, compat
-from distq import distributions as D
+from distq import compat
+from distq.core import bitpack
+from distq.core import distributions as D
 
 torch = pytest.importorskip("torch")
 dq = pytest.importorskip("distquant.distquant")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from distq import distributions as D
+from distq.core import distributions as D
 
 FAMILIES4 = ("gaussian", "logistic", "gumbel", "exponential")
 PAIRS = [(f, p) for f in FAMILIES4 for p in (0, 1, 2)] + [("cauchy", 0)]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distq import kmeans as km
+from distq.core import kmeans as km
 
 
 # ------------------------------------------------------------------------------ references

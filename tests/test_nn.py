@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import distq
-from distq import bitpack
+from distq.core import bitpack
 from distq import nn as N
 
 F32 = dict(rtol=2e-5, atol=2e-5)
@@ -589,7 +589,7 @@ def test_qat_gradient_is_straight_through_and_masked():
     r = normal(2, (5, D_OUT))
     g = nnx.grad(lambda l: jnp.sum(l(x) * r))(layer)
     kernel = layer.kernel[...]
-    lo, hi = distq.tree.representable_range(distq.quantize(kernel, STE_SPEC))
+    lo, hi = distq.ste.representable_range(distq.quantize(kernel, STE_SPEC))
     mask = (kernel >= lo) & (kernel <= hi)
     assert 0 < int(jnp.sum(~mask)) < mask.size // 4
     np.testing.assert_allclose(g["kernel"][...], jnp.where(mask, x.T @ r, 0.0), **F32)

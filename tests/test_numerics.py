@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import distq
-from distq import _numerics as nx
-from distq import distributions as D
-from distq import search as S
+from distq.core import _numerics as nx
+from distq.core import distributions as D
+from distq.core import search as S
 
 
 def test_sort_float_matches_numpy_including_signed_zero_and_extremes():

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 
 import distq
-from distq import bitpack
-from distq import qarray as qa
+from distq.core import bitpack
+from distq.core import qarray as qa
 
 
 def _heavy(shape, seed=0):
@@ -99,7 +99,7 @@ def test_quantize_tree_report_counts_outlier_bytes():
     qtree, report = distq.quantize_tree(params, [(".*", spec)])
     assert distq.tree_nbytes(qtree) == qtree["w"].nbytes
     assert 4.0 < 8 * qtree["w"].nbytes / 256 / 128 < 4.0 + 0.01 * (16 + 15) + 0.03
-    assert "outliers=0.01" in distq.tree.spec_str(spec)
+    assert "outliers=0.01" in distq.spec_str(spec)
 
 
 @settings(max_examples=40, deadline=None)
@@ -164,7 +164,7 @@ def test_quantize_tree_default_on_heavy_tailed_weights():
     qtree, report = distq.quantize_tree(params, [(".*(kernel|embedding)", spec)])
     k, e = qtree["dense"]["kernel"], qtree["emb"]["embedding"]
     assert k.layout.axes == (0,) and k.n_outliers > 0 and e.layout.axes == (1,)
-    specs = {r.path: distq.tree.spec_str(r.spec) for r in report.leaves}
+    specs = {r.path: distq.spec_str(r.spec) for r in report.leaves}
     assert "axis=0" in specs["dense/kernel"] and "outliers=" in specs["dense/kernel"]
     for path, q in [("dense/kernel", k), ("emb/embedding", e)]:
         assert q.bits_per_value <= 4.25

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-import distq.pq as P
-from distq import bitpack
+import distq.core.pq as P
+from distq.core import bitpack
 
 
 # ------------------------------------------------------------------------------------ data

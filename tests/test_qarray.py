@@ -9,7 +9,7 @@ import pytest
 from flax import serialization
 
 import distq
-from distq import qarray as qa
+from distq.core import qarray as qa
 
 X = np.random.default_rng(7).standard_normal((32, 64)).astype(np.float32)
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-import distq._quantitize as QZ
-from distq._quantitize import Quantitized, compression_report, deep_sizeof, quantitize
+import distq.compat.quantitize as QZ
+from distq.compat.quantitize import Quantitized, compression_report, deep_sizeof, quantitize
 
 N, D, SUB = 2048, 32, 8
 
@@ -113,7 +113,7 @@ def test_load_rejects_bad_files(tmp_path, q):
     with pytest.raises(ValueError, match="cannot read"):
         Quantitized.load(bad)
     other = tmp_path / "other.npz"
-    QZ._atomic_savez(other, {"a": np.zeros(3)}, {"format": "something.else", "version": 1})
+    QZ.atomic_savez(other, {"a": np.zeros(3)}, {"format": "something.else", "version": 1})
     with pytest.raises(ValueError, match="not a distq.Quantitized file"):
         Quantitized.load(other)
     # arrays that disagree with the metadata are caught by PQArray.validate

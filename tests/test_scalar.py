@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import distq
-from distq import distributions as D
+from distq.core import distributions as D
 
 N = 20480  # values in most test arrays (divisible by 64 and 128)
 SHAPE2 = (160, 128)

@@ -70,7 +70,7 @@ def test_points_exist(results, name):
 
 
 def test_minimal_error_constants_match_distq_kappa():
-    from distq import distributions as D
+    from distq.core import distributions as D
 
     for name in sim.INPUTS:
         assert math.isclose(1.0 / sim.power_integral(name, 0.5), D.kappa(name), rel_tol=1e-9)

@@ -155,7 +155,7 @@ def test_fake_quantize_forward_exact_and_gradient_masked(spec, jit):
     f, ref = (jax.jit(f), jax.jit(ref)) if jit else (f, ref)
     np.testing.assert_array_equal(f(x), ref(x))
     g = jax.grad(lambda x: (f(x) * 3.0).sum())(x)
-    lo, hi = distq.tree.representable_range(distq.quantize(x, spec))
+    lo, hi = distq.ste.representable_range(distq.quantize(x, spec))
     inside = (x >= lo) & (x <= hi)
     np.testing.assert_array_equal(g, jnp.where(inside, 3.0, 0.0))
     g2 = jax.grad(lambda x: distq.fake_quantize(x, spec, clip=False).sum())(x)
@@ -207,7 +207,7 @@ def test_partition_combine_trains_codebooks_with_optax():
     assert loss(train) < 0.8 * l0
     merged = distq.combine(train, rest)
     np.testing.assert_array_equal(merged["w"].codes, q["w"].codes)
-    assert distq.tree.labels(q)["w"].codes == "frozen"
+    assert distq.labels(q)["w"].codes == "frozen"
 
 
 # ---------------------------------------------------------------------------------- pruning
@@ -229,7 +229,7 @@ def test_prune_magnitude_global_and_per_leaf():
     assert m2["embed"]["embedding"] is None
     for a, b in [("dense", "kernel"), ("out", "kernel")]:
         assert int((~m2[a][b]).sum()) == p[a][b].size // 2
-    assert distq.tree.sparsity(pruned, masks) == pytest.approx(0.8, abs=1e-3)
+    assert distq.sparsity(pruned, masks) == pytest.approx(0.8, abs=1e-3)
 
 
 def test_prune_structured_removes_whole_columns():

@@ -46,9 +46,9 @@ try:
 except ImportError as e:  # pragma: no cover - the gensim extra installs it
     raise ImportError("distq.integrations.gensim needs gensim (pip install 'distq[gensim]')") from e
 
-from .. import _quantitize as _qz
-from .. import bitpack
-from .. import pq as P
+from ..compat import quantitize as _qz
+from ..core import bitpack
+from ..core import pq as P
 
 _FORMAT = "distq.CompressedKeyedVectors"
 _NORM_DTYPES = ("float16", "float32")
@@ -398,12 +398,12 @@ class CompressedKeyedVectors:
         meta = {"format": _FORMAT, "version": _qz._VERSION, "vectors": self.vectors.metadata(),
                 "ngrams": None if self.ngrams is None else self.ngrams.metadata(),
                 "min_n": self.min_n, "max_n": self.max_n}
-        _qz._atomic_savez(path, arrays, meta)
+        _qz.atomic_savez(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompressedKeyedVectors":
         """Reads a file written by :meth:`save` (validated; ``ValueError`` if corrupt)."""
-        arrays, meta = _qz._read_npz(path, _FORMAT)
+        arrays, meta = _qz.read_npz(path, _FORMAT)
         try:
             blob = arrays["vocab.utf8"].tobytes()
             off = arrays["vocab.offsets"]

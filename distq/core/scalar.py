@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
-
 from . import _checks
 from . import _numerics as nx
 from . import bitpack
 from . import distributions as D
 from . import search as S
-from .qarray import Layout, QArray, outlier_values, pack_positions
+from .spec import register
+from .qarray import Layout, QArray, outlier_values, pack_positions, position_words
 
 Axis = Union[int, tuple[int, ...], None]
 _OBJECTIVES = ("mse", "mae")
@@ -95,8 +94,46 @@ def _check_scale_dtype(scale_dtype) -> None:
     _checks.check_choice(scale_dtype, "scale_dtype", _SCALE_DTYPES)
 
 
+class _ScalarGrid:
+    """The spec protocol shared by the scalar quantisers (see :mod:`distq.core.spec`)."""
+
+    positional: ClassVar[tuple[str, ...]] = ("bits",)
+
+    def quantize(self, x: jax.Array, *, key: jax.Array | None = None) -> QArray:
+        """Quantises ``x`` (``key`` is unused: scalar quantisers are deterministic)."""
+        del key
+        return _QUANTIZERS[type(self)](x, self)
+
+    def resolve(self, shape: tuple[int, ...], role: str | None = None):
+        del shape, role
+        return self
+
+    def problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why an array of ``shape`` cannot take this spec (a grouping that does not fit)."""
+        if math.prod(shape) == 0:
+            return "the array is empty"
+        try:
+            layout_for(self.resolve(shape), shape)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Stored bytes of the QArray for ``shape``: codes, levels, scales, outliers."""
+        spec = self.resolve(shape)
+        size = math.prod(shape)
+        g = layout_for(spec, shape).num_groups(shape)
+        sd = jnp.dtype(spec.scale_dtype).itemsize
+        total = bitpack.packed_nbytes(size, spec.code_bits) + g * sd * (1 + spec.has_loc)
+        total += 4 * spec.levels if spec.stores_levels else 0
+        k = spec.n_outliers(size) if isinstance(spec, Scalar) else 0
+        if k:
+            total += 4 * position_words(k, max(1, (size - 1).bit_length())) + 2 * k
+        return total
+
+
 @dataclasses.dataclass(frozen=True)
-class Scalar:
+class Scalar(_ScalarGrid):
     """Distributional scalar quantisation (the default quantiser of distq).
 
     Attributes:
@@ -138,6 +175,11 @@ class Scalar:
       >>> float(((q.dequantize() - x) ** 2).mean() / x.var()) < 0.04
       True
     """
+
+    kind: ClassVar[str] = "scalar"
+    has_loc: ClassVar[bool] = True
+    stores_levels: ClassVar[bool] = True
+    refits_levels: ClassVar[bool] = True  # calibration may move the levels
 
     bits: int | None = None
     n: int | None = None
@@ -184,6 +226,9 @@ class Scalar:
     @property
     def code_bits(self) -> int:
         return _resolve_bits_n(self.bits, self.n)[0]
+
+    def text_positional(self) -> dict:
+        return {"bits": self.code_bits}
 
     def n_outliers(self, size: int) -> int:
         """How many of ``size`` values are kept apart."""
@@ -263,7 +308,7 @@ class Scalar:
 
 
 @dataclasses.dataclass(frozen=True)
-class Uniform:
+class Uniform(_ScalarGrid):
     """Uniform integer quantisation (the int8/int4 baselines).
 
     ``symmetric=True``: absmax scaling, levels ``-qmax..qmax`` with ``qmax = 2**(bits-1) - 1``
@@ -276,6 +321,11 @@ class Uniform:
       >>> q.dequantize().tolist()
       [-1.0, 0.0, 0.4960629940032959, 1.0]
     """
+
+    kind: ClassVar[str] = "int"
+    kind_aliases: ClassVar[tuple[str, ...]] = ("uniform",)
+    stores_levels: ClassVar[bool] = False  # an integer grid: its scale is all it needs
+    refits_levels: ClassVar[bool] = False
 
     bits: int = 8
     symmetric: bool = True
@@ -293,6 +343,14 @@ class Uniform:
     def code_bits(self) -> int:
         return self.bits
 
+    @property
+    def has_loc(self) -> bool:
+        return not self.symmetric
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1 if self.symmetric and self.bits > 1 else 1 << self.bits
+
 
 def nf4_levels() -> np.ndarray:
     """The 16 NormalFloat-4 levels of QLoRA, built from their definition.
@@ -306,19 +364,28 @@ def nf4_levels() -> np.ndarray:
     """
     offset = 0.5 * (1 / 32 + 1 / 30)
     top = 1.0 - offset
-    pos = stats.norm.ppf(np.linspace(top, 0.5, 9)[:-1])
-    neg = -stats.norm.ppf(np.linspace(top, 0.5, 8)[:-1])
+    from scipy.special import ndtri  # noqa: PLC0415 (host-side, once)
+
+    pos = ndtri(np.linspace(top, 0.5, 9)[:-1])
+    neg = -ndtri(np.linspace(top, 0.5, 8)[:-1])
     v = np.sort(np.concatenate([pos, [0.0], neg]))
     return (v / np.max(np.abs(v))).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class NF4:
+class NF4(_ScalarGrid):
     """NormalFloat-4: 16 fixed normal-quantile levels with absmax scaling per block.
 
     The default (blocks of 64 of the flattened tensor, float32 scales) is bitsandbytes' recipe,
     4.5 bits per value.
     """
+
+    kind: ClassVar[str] = "nf4"
+    positional: ClassVar[tuple[str, ...]] = ()
+    has_loc: ClassVar[bool] = False
+    stores_levels: ClassVar[bool] = True
+    refits_levels: ClassVar[bool] = False
+    levels: ClassVar[int] = 16
 
     group_size: int = 64
     group_axis: int | None = None
@@ -331,9 +398,6 @@ class NF4:
     @property
     def code_bits(self) -> int:
         return 4
-
-
-Spec = Union[Scalar, Uniform, NF4]
 
 
 # ------------------------------------------------------------------------------------- layout
@@ -387,13 +451,14 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
     return bitpack.pack(codes.reshape(-1).astype(jnp.uint32), bits)
 
 
-def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout) -> QArray:
+def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout, grid=None) -> QArray:
     return QArray(
         codes=_pack(codes, bits),
-        codebook=codebook.astype(jnp.float32),
+        codebook=None if codebook is None else codebook.astype(jnp.float32),
         scale=scale.astype(spec.scale_dtype),
         loc=None if loc is None else loc.astype(spec.scale_dtype),
-        shape=tuple(x.shape),
+        grid=grid,
+        value_shape=tuple(x.shape),
         dtype=str(x.dtype),
         bits=bits,
         n=n,
@@ -590,18 +655,18 @@ def _quantize_uniform(x: jax.Array, spec: Uniform) -> QArray:
     rows = layout.to_rows(x.astype(jnp.float32))
     if spec.symmetric:
         absmax = jnp.max(jnp.abs(rows), axis=1)
-        if bits == 1:
-            codebook = jnp.array([-1.0, 1.0], jnp.float32)
+        if bits == 1:  # levels -1, +1
+            grid = (-1.0, 2.0)
             scale = _round_dtype(absmax, spec.scale_dtype)
             codes = (rows >= 0).astype(jnp.int32)
-        else:
+        else:  # levels -qmax..qmax
             qmax = (1 << (bits - 1)) - 1
-            codebook = jnp.arange(-qmax, qmax + 1, dtype=jnp.float32)
+            grid = (float(-qmax), 1.0)
             scale = _round_dtype(absmax / qmax, spec.scale_dtype)
             safe = jnp.where(scale > 0, scale, 1.0)
             codes = jnp.clip(jnp.round(rows / safe[:, None]), -qmax, qmax).astype(jnp.int32) + qmax
-        return _build(spec, x, codes, codebook, scale, None, bits, codebook.shape[0],
-                      "uniform", layout)
+        return _build(spec, x, codes, None, scale, None, bits, spec.levels, "uniform", layout,
+                      grid)
     n = 1 << bits
     hi = jnp.maximum(rows.max(axis=1), 0.0)
     lo = jnp.minimum(rows.min(axis=1), 0.0)
@@ -610,12 +675,11 @@ def _quantize_uniform(x: jax.Array, spec: Uniform) -> QArray:
     zp = jnp.clip(jnp.round(-lo / safe), 0, n - 1)
     loc = _round_dtype(-(zp * scale), spec.scale_dtype)
     codes = jnp.clip(jnp.round(rows / safe[:, None]) + zp[:, None], 0, n - 1).astype(jnp.int32)
-    codebook = jnp.arange(n, dtype=jnp.float32)
     # a constant group decodes exactly: scale 0 and the value itself as location
     const = rows.max(axis=1) == rows.min(axis=1)
     scale = jnp.where(const, 0.0, scale)
     loc = jnp.where(const, _round_dtype(rows[:, 0], spec.scale_dtype), loc)
-    return _build(spec, x, codes, codebook, scale, loc, bits, n, "uniform", layout)
+    return _build(spec, x, codes, None, scale, loc, bits, n, "uniform", layout, (0.0, 1.0))
 
 
 def _quantize_nf4(x: jax.Array, spec: NF4) -> QArray:
@@ -629,46 +693,12 @@ def _quantize_nf4(x: jax.Array, spec: NF4) -> QArray:
 
 
 # Compiled once per (shape, dtype, spec); inside a caller's jit they are simply inlined.
-_DISPATCH = {
+_QUANTIZERS = {
     Scalar: _quantize_scalar,
     Uniform: jax.jit(_quantize_uniform, static_argnums=1),
     NF4: jax.jit(_quantize_nf4, static_argnums=1),
 }
 
-
-def quantize(x: Any, spec: Spec | None = None) -> QArray:
-    """Quantises an array with a spec; returns a :class:`distq.QArray`.
-
-    Jittable with the spec static: ``jax.jit(distq.quantize, static_argnums=1)``. Outside ``jit``
-    the input is checked (finite, non-empty, floating point); under ``jit`` those checks cannot
-    raise, so validate first (e.g. with ``jnp.isfinite(x).all()``) if the data may hold NaN.
-
-    Args:
-      x: a floating-point array (NumPy, JAX, or anything ``jnp.asarray`` takes).
-      spec: a :class:`Scalar` (default ``Scalar()``: 4 bits, MSE objective, automatic family and
-        beta, Lloyd-Max refinement), :class:`Uniform` or :class:`NF4`.
-
-    Returns:
-      The quantised array; ``.dequantize()`` decodes it, ``.nbytes`` is its true size.
-
-    Examples:
-      >>> import numpy as np, distq
-      >>> x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
-      >>> q = distq.quantize(x, distq.Scalar(bits=4, objective="mse"))
-      >>> round(float(((np.asarray(q.dequantize()) - x) ** 2).mean()), 4)
-      0.0095
-    """
-    spec = Scalar() if spec is None else spec
-    fn = _DISPATCH.get(type(spec))
-    if fn is None:
-        raise TypeError(
-            f"spec must be a distq.Scalar, distq.Uniform or distq.NF4, got {type(spec).__name__}"
-        )
-    return fn(_checks.as_float_array(x), spec)
-
-
-def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
-    """Decodes a :class:`distq.QArray` (same as ``q.dequantize()``)."""
-    if not isinstance(q, QArray):
-        raise TypeError(f"dequantize expects a distq.QArray, got {type(q).__name__}")
-    return q.dequantize(dtype)
+register(Scalar, QArray)
+register(Uniform, QArray)
+register(NF4, QArray)

@@ -37,7 +37,10 @@ from jax import lax
 from . import _checks, bitpack
 from . import _numerics as nx
 from . import kmeans as km
-from .qarray import arrays_nbytes, register_serialisation
+from typing import ClassVar
+
+from .qarray import arrays_nbytes
+from .spec import register
 
 _CODEBOOK_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -111,10 +114,45 @@ class PQ:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         self.kmeans()  # validates the k-means fields
 
+    kind: ClassVar[str] = "pq"
+    randomized: ClassVar[bool] = True  # fitted by k-means from a key
+    positional: ClassVar[tuple[str, ...]] = ("m", "bits")
+    text_hidden: ClassVar[tuple[str, ...]] = ("verbose",)
+
     @property
     def num_centroids(self) -> int:
         """``K = 2**bits``."""
         return 1 << self.bits
+
+    # ---------------------------------------------------------------- spec protocol
+    def quantize(self, x: jax.Array, *, key: jax.Array | None = None) -> "PQArray":
+        """Fits the codebooks on ``x``'s rows and encodes them (``key``: k-means' randomness,
+        ``jax.random.key(0)`` when ``None``)."""
+        return quantize(jax.random.key(0) if key is None else key, x, self)
+
+    def resolve(self, shape: tuple[int, ...], role: str | None = None) -> "PQ":
+        """PQ has no automatic fields."""
+        del shape, role
+        return self
+
+    def problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why a matrix of ``shape`` cannot be product-quantised with this spec (or ``None``)."""
+        if len(shape) != 2:
+            return f"PQ needs a matrix (rows, features), got rank {len(shape)}"
+        n, dim = shape
+        if dim % self.m:
+            return f"m={self.m} sub-spaces must divide the row length {dim}"
+        if n < self.num_centroids:
+            return (f"{n} rows cannot train {self.num_centroids} centroids per sub-space "
+                    f"(bits={self.bits}); use bits <= {max(n.bit_length() - 1, 1)}")
+        return None
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Stored bytes of the PQArray of a ``shape`` matrix: packed codes, codebooks, rotation."""
+        n, dim = shape
+        item = np.dtype(jnp.dtype(self.codebook_dtype)).itemsize
+        return (bitpack.packed_nbytes(n * self.m, self.bits) + item * self.num_centroids * dim
+                + (4 * dim * dim if self.opq else 0))
 
     def kmeans(self) -> km.KMeans:
         """The :class:`distq.kmeans.KMeans` configuration used per sub-space."""
@@ -187,7 +225,7 @@ def _as_rows(x: Any, dim: int, name: str = "x") -> jax.Array:
     return x
 
 
-def _decode_codes(codes: jax.Array, codebooks: jax.Array, rotation: jax.Array | None,
+def decode_codes(codes: jax.Array, codebooks: jax.Array, rotation: jax.Array | None,
                   dtype: Any = jnp.float32) -> jax.Array:
     """``(n, m)`` codes -> ``(n, D)`` rows (un-rotated), computed in ``dtype``."""
     n, m = codes.shape
@@ -247,6 +285,9 @@ class PQArray:
       True
     """
 
+    kind: ClassVar[str] = "pqarray"
+    array_fields: ClassVar[tuple[str, ...]] = ("codes", "codebooks", "rotation")
+
     codes: jax.Array
     codebooks: jax.Array
     rotation: jax.Array | None
@@ -295,8 +336,18 @@ class PQArray:
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The ``(N, D)`` decoded matrix, in the original dtype (or ``dtype``)."""
-        rows = _decode_codes(self.codes_unpacked(), self.codebooks, self.rotation)
+        rows = decode_codes(self.codes_unpacked(), self.codebooks, self.rotation)
         return rows.astype(dtype or self.dtype)
+
+    def take(self, rows: Any, dtype: Any = None) -> jax.Array:
+        """Decoded rows (an int or an integer array of row indices), reading only their codes."""
+        rows = jnp.asarray(rows)
+        if not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
+        n = self.shape[0]
+        rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
+        dec = decode_codes(self.row_codes(rows.reshape(-1)), self.codebooks, self.rotation)
+        return dec.reshape(rows.shape + (self.shape[1],)).astype(dtype or self.dtype)
 
     def __getitem__(self, idx) -> jax.Array:
         """Decoded rows: ``q[i]`` (D,), ``q[array]`` (n, D), ``q[a:b]``, ``q[rows, cols]``."""
@@ -318,7 +369,7 @@ class PQArray:
                 raise IndexError(f"row index out of range for {n} rows")
             rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
         flat = rows.reshape(-1)
-        dec = _decode_codes(self.row_codes(flat), self.codebooks, self.rotation)
+        dec = decode_codes(self.row_codes(flat), self.codebooks, self.rotation)
         out = dec.reshape(rows.shape + (self.shape[1],)).astype(self.dtype)
         return out[(Ellipsis,) + rest] if rest else out
 
@@ -449,12 +500,14 @@ def is_pqarray(x: Any) -> bool:
     return isinstance(x, PQArray)
 
 
-_from_state_dict = register_serialisation(PQArray, ("codes", "codebooks", "rotation"))
+register(PQ, PQArray)
 
 
 def from_state_dict(state: dict) -> PQArray:
     """Rebuilds a PQArray from ``flax.serialization.to_state_dict(q)`` without a target."""
-    return _from_state_dict(state)
+    from .spec import leaf_from_state  # noqa: PLC0415
+
+    return leaf_from_state(PQArray, state)
 
 
 # ------------------------------------------------------------------------ fitted quantiser
@@ -599,7 +652,7 @@ def _fit_sample(k_fit: jax.Array, xs: jax.Array, xsplit: jax.Array, spec: PQ):
     xs = xs.astype(jnp.float32)
     dim = xs.shape[1]
     m = spec.m
-    res = km._fit_batched(k_fit, xsplit, cfg)
+    res = km.fit_batched(k_fit, xsplit, cfg)
     cb, inertia, iters = res.centroids, res.inertia, res.iters
     rot = None
     if spec.opq and spec.opq_iters > 0:
@@ -609,7 +662,7 @@ def _fit_sample(k_fit: jax.Array, xs: jax.Array, xsplit: jax.Array, spec: PQ):
             r, cb, _, _ = carry
             xr = xs @ r
             codes, _ = km.assign(_split(xr, m), cb, block=spec.block)  # (m, S)
-            y = _decode_codes(codes.T, cb, None)
+            y = decode_codes(codes.T, cb, None)
             r = _procrustes(xs, y)
             res = km.lloyd(_split(xs @ r, m), cb, iters=spec.opq_lloyd_iters, tol=spec.tol,
                            block=spec.block)

@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _numerics as nx
-from . import bitpack
-from . import distributions as D
-from . import search as S
-from ._quantitize import CompressionReport, Quantitized, compression_report, quantitize  # noqa: F401
+from ..core import _numerics as nx
+from ..core import bitpack
+from ..core import distributions as D
+from ..core import search as S
 
 _ALIGN = 64  # XLA:CPU aliases host buffers aligned to this many bytes instead of copying them
 _WORD_MAX_LEVELS = 32  # the word kernel's unrolled search serves fewer levels than this

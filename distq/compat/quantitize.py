@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import bitpack, checkpoint
-from . import pq as P
+from .. import checkpoint
+from ..core import bitpack
+from ..core import pq as P
 
 _FORMAT = "distq.Quantitized"
 _VERSION = 1
@@ -51,7 +52,7 @@ _MINIT = {None: "greedy", "greedy": "greedy", "kmeans++": "kmeans++", "++": "kme
 
 
 # ----------------------------------------------------------------------------- file helpers
-def _atomic_savez(path: str | os.PathLike, arrays: dict[str, Any], metadata: dict) -> None:
+def atomic_savez(path: str | os.PathLike, arrays: dict[str, Any], metadata: dict) -> None:
     """Writes ``arrays`` + JSON ``metadata`` to an uncompressed ``.npz`` at exactly ``path``.
 
     The data go to a temporary file in the destination folder first, which is flushed, synced
@@ -69,8 +70,8 @@ def _atomic_savez(path: str | os.PathLike, arrays: dict[str, Any], metadata: dic
     checkpoint.atomic_write(path, lambda f: np.savez(f, **store))
 
 
-def _read_npz(path: str | os.PathLike, fmt: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads a file written by :func:`_atomic_savez` and checks its format tag (no pickles)."""
+def read_npz(path: str | os.PathLike, fmt: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads a file written by :func:`atomic_savez` and checks its format tag (no pickles)."""
     try:
         with np.load(os.fspath(path), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -325,12 +326,12 @@ class Quantitized:
         arrays["iters"] = np.asarray(self.quantizer.iters)
         meta = {"format": _FORMAT, "version": _VERSION, "array": self.array.metadata(),
                 "block": self.quantizer.block}
-        _atomic_savez(path, arrays, meta)
+        atomic_savez(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Quantitized":
         """Reads a file written by :meth:`save` (validated; raises ``ValueError`` if corrupt)."""
-        arrays, meta = _read_npz(path, _FORMAT)
+        arrays, meta = read_npz(path, _FORMAT)
         try:
             inertia, iters = arrays.pop("inertia"), arrays.pop("iters")
             arr = _pq_from("", arrays, meta["array"])

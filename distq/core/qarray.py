@@ -5,22 +5,24 @@ static metadata (shape, dtype, bits, method, layout). It is a pytree (a frozen d
 with ``jax.tree_util``) so it passes through ``jax.jit``, ``jax.tree.map`` and ``optax``; its
 array fields are the leaves and the metadata is static (hashable) auxiliary data.
 
-A scalar-quantised value decodes as ``loc[g] + scale[g] * codebook[code]`` where ``g`` is the
-value's scaling group (see :class:`Layout`). Optionally a few values (outliers) are kept apart:
-their standardised values replace ``codebook[code]`` at their positions.
+A scalar-quantised value decodes as ``loc[g] + scale[g] * level[code]`` where ``g`` is the
+value's scaling group (see :class:`Layout`) and the levels are a stored codebook or, for uniform
+grids, ``first + step * code`` (nothing stored). Optionally a few values (outliers) are kept
+apart: their standardised values replace ``level[code]`` at their positions.
+
+A QArray made under ``jax.vmap`` carries the batch axes in front of its arrays: ``shape`` shows
+them, ``dequantize()`` decodes every member, and ``q[i]`` picks members.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
 from . import bitpack
 
@@ -48,6 +50,25 @@ class Layout:
             (a,) = self.axes
             return tuple(i for i in range(ndim) if i != a) + (a,)
         return tuple(range(ndim))
+
+    def validate(self, shape: tuple[int, ...]) -> None:
+        """Raises ``ValueError`` unless this layout fits an array of ``shape``."""
+        ndim, size = len(shape), math.prod(shape)
+        if self.kind not in ("tensor", "channel", "group", "block"):
+            raise ValueError(f"unknown layout kind {self.kind!r}")
+        if any(not 0 <= a < ndim for a in self.axes) or len(set(self.axes)) != len(self.axes):
+            raise ValueError(f"layout axes {self.axes} do not fit an array of rank {ndim}")
+        if self.kind in ("group", "block"):
+            gs = self.group_size
+            if gs is None or gs < 1:
+                raise ValueError(f"layout group_size must be >= 1, got {gs}")
+            length = shape[self.axes[0]] if self.kind == "group" and self.axes else size
+            if self.kind == "group" and len(self.axes) != 1:
+                raise ValueError("a 'group' layout has exactly one axis")
+            if length % gs:
+                raise ValueError(f"layout group_size {gs} does not divide {length}")
+        elif self.kind == "channel" and not self.axes:
+            raise ValueError("a 'channel' layout needs at least one axis")
 
     def num_groups(self, shape: tuple[int, ...]) -> int:
         size = math.prod(shape)
@@ -77,22 +98,26 @@ def arrays_nbytes(*arrays) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
-    """A quantised array: packed codes + codebook + per-group scale/location + static metadata.
+    """A quantised array: packed codes + levels + per-group scale/location + static metadata.
 
     Attributes:
       codes: bit-packed codes, uint32 words (see :func:`distq.bitpack.pack`), in row order of the
         layout's ``(groups, group_len)`` view.
-      codebook: the reconstruction levels in standardised units, shape ``(n,)``.
+      codebook: the reconstruction levels in standardised units, shape ``(n,)``, or ``None`` for
+        a uniform grid (``grid``).
       scale: per-group scale, shape ``(groups,)``.
       loc: per-group location, shape ``(groups,)``, or ``None`` when it is zero everywhere.
-      shape, dtype: of the original array (``dequantize`` restores both).
-      bits: bits per code; ``n``: codebook size (``<= 2**bits``).
+      value_shape, dtype: of the original array (``dequantize`` restores both); ``shape`` adds
+        the batch axes of a QArray made under ``vmap``.
+      bits: bits per code; ``n``: number of levels (``<= 2**bits``).
       method: "distributional", "uniform", "nf4", ... (informational).
       layout: the grouping, a :class:`Layout`.
       outlier_index: bit-packed positions (in the ``(groups, group_len)`` row order, each
         :meth:`index_bits` wide) of values kept apart, or ``None``.
       outlier_value: their standardised values ``(x - loc) / scale`` (float16), or ``None``.
       n_outliers: how many values are kept apart.
+      grid: ``(first, step)`` when the levels are ``first + step * code`` and no codebook is
+        stored (affine and absmax integer grids), else ``None``.
 
     Examples:
       >>> import jax, distq
@@ -102,13 +127,22 @@ class QArray:
       ((256, 64), 4, (256, 64))
       >>> q.nbytes < x.nbytes / 7
       True
+      >>> q.take([3, 5]).shape  # rows decoded from their codes alone
+      (2, 64)
+      >>> qs = jax.vmap(lambda a: distq.quantize(a, distq.Uniform(bits=4)))(x.reshape(4, 64, 64))
+      >>> qs.shape, qs[1].shape, qs.dequantize().shape
+      ((4, 64, 64), (64, 64), (4, 64, 64))
     """
 
+    kind: ClassVar[str] = "qarray"
+    array_fields: ClassVar[tuple[str, ...]] = (
+        "codes", "codebook", "scale", "loc", "outlier_index", "outlier_value")
+
     codes: jax.Array
-    codebook: jax.Array
+    codebook: jax.Array | None
     scale: jax.Array
     loc: jax.Array | None
-    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    value_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: str = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
     n: int = dataclasses.field(metadata=dict(static=True))
@@ -117,8 +151,19 @@ class QArray:
     outlier_index: jax.Array | None = None
     outlier_value: jax.Array | None = None
     n_outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
+    grid: tuple[float, float] | None = dataclasses.field(default=None,
+                                                         metadata=dict(static=True))
 
     # ---------------------------------------------------------------- array-like properties
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading axes added by ``vmap`` (``()`` for a QArray of one array)."""
+        return tuple(self.codes.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.batch_shape + tuple(self.value_shape)
+
     @property
     def size(self) -> int:
         return math.prod(self.shape)
@@ -130,47 +175,123 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """True storage in bytes: packed codes + codebook + scales + locations + outliers."""
-        return arrays_nbytes(self.codes, self.codebook, self.scale, self.loc,
-                             self.outlier_index, self.outlier_value)
+        return arrays_nbytes(*(getattr(self, f) for f in self.array_fields))
+
+    @property
+    def value_size(self) -> int:
+        """Values of one (unbatched) array."""
+        return math.prod(self.value_shape)
 
     @property
     def index_bits(self) -> int:
         """Bits per stored outlier position: enough to address every value."""
-        return max(1, (self.size - 1).bit_length())
-
-    def outlier_positions(self) -> jax.Array:
-        """Positions of the outliers in the flattened ``(groups, group_len)`` row order."""
-        return unpack_positions(self.outlier_index, self.index_bits, self.n_outliers)
+        return max(1, (self.value_size - 1).bit_length())
 
     @property
     def bits_per_value(self) -> float:
         """``8 * nbytes / size``: what each value really costs, overheads included."""
         return 8.0 * self.nbytes / max(self.size, 1)
 
+    def _unbatched(self, fn):
+        """``fn(self)`` per member of a batched QArray (stacked), or ``fn(self)`` itself."""
+        for _ in self.batch_shape:
+            fn = jax.vmap(fn)
+        return fn(self)
+
+    def levels(self) -> jax.Array:
+        """The ``n`` levels in standardised units (the codebook, or the grid's values)."""
+        if self.codebook is not None:
+            return self.codebook
+        first, step = self.grid
+        return first + step * jnp.arange(self.n, dtype=jnp.float32)
+
+    def _level_of(self, codes: jax.Array) -> jax.Array:
+        if self.codebook is not None:
+            return self.codebook[codes.astype(jnp.int32)]
+        first, step = self.grid
+        return first + step * codes.astype(jnp.float32)
+
+    def outlier_positions(self) -> jax.Array:
+        """Positions of the outliers in the flattened ``(groups, group_len)`` row order."""
+        return unpack_positions(self.outlier_index, self.index_bits, self.n_outliers)
+
     def codes_unpacked(self) -> jax.Array:
         """The codes as integers in the layout's ``(groups, group_len)`` shape."""
-        g = self.layout.num_groups(self.shape)
-        c = bitpack.unpack(self.codes, self.bits, self.size)
+        if self.batch_shape:
+            return self._unbatched(QArray.codes_unpacked)
+        g = self.layout.num_groups(self.value_shape)
+        c = bitpack.unpack(self.codes, self.bits, self.value_size)
         return c.reshape(g, -1)
 
     def per_value(self, per_group: jax.Array) -> jax.Array:
-        """A per-group vector (like ``scale``) broadcast to every value, in ``shape``."""
-        g = self.layout.num_groups(self.shape)
-        rows = jnp.broadcast_to(per_group.astype(jnp.float32)[:, None], (g, self.size // g))
-        return self.layout.from_rows(rows, self.shape)
+        """A per-group vector (like ``scale``) broadcast to every value, in ``value_shape``."""
+        g = self.layout.num_groups(self.value_shape)
+        rows = jnp.broadcast_to(per_group.astype(jnp.float32)[:, None],
+                                (g, self.value_size // g))
+        return self.layout.from_rows(rows, self.value_shape)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Decodes to a dense array of the original shape and dtype (or ``dtype``)."""
-        rows = self.codebook[self.codes_unpacked().astype(jnp.int32)]
+        if self.batch_shape:
+            return self._unbatched(lambda q: q.dequantize(dtype))
+        rows = self._level_of(self.codes_unpacked())
         if self.n_outliers:
             idx = self.outlier_positions().astype(jnp.int32)
             rows = rows.reshape(-1).at[idx].set(self.outlier_value.astype(jnp.float32))
-            rows = rows.reshape(self.layout.num_groups(self.shape), -1)
+            rows = rows.reshape(self.layout.num_groups(self.value_shape), -1)
         rows = rows * self.scale.astype(jnp.float32)[:, None]
         if self.loc is not None:
             rows = rows + self.loc.astype(jnp.float32)[:, None]
-        out = self.layout.from_rows(rows, self.shape)
+        out = self.layout.from_rows(rows, self.value_shape)
         return out.astype(dtype or self.dtype)
+
+    def take(self, rows: Any, dtype: Any = None) -> jax.Array:
+        """Decoded rows (indices along the first axis), reading only their codes.
+
+        ``q.take(i)`` equals ``q.dequantize()[i]`` for an int or an integer array ``i`` (negative
+        indices count from the end), without decoding the other rows: an embedding lookup.
+        """
+        if self.batch_shape:
+            raise ValueError("take() reads rows of one array; index the batch first (q[i])")
+        if not self.value_shape:
+            raise ValueError("take() needs an array of rank >= 1")
+        rows = jnp.asarray(rows)
+        if not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
+        n0, inner = self.value_shape[0], math.prod(self.value_shape[1:])
+        r = jnp.where(rows < 0, rows + n0, rows).astype(jnp.int32)
+        flat = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32)  # original order
+        # position of each value in the layout's (groups, group_len) row order
+        perm = self.layout.perm(len(self.value_shape))
+        multi = jnp.unravel_index(flat, self.value_shape)
+        pshape = tuple(self.value_shape[a] for a in perm)
+        pos = jnp.ravel_multi_index(tuple(multi[a] for a in perm), pshape, mode="clip")
+        group = pos // (self.value_size // self.layout.num_groups(self.value_shape))
+        z = self._level_of(bitpack.take(self.codes, self.bits, pos))
+        if self.n_outliers:
+            opos = self.outlier_positions().astype(jnp.int32)
+            order = jnp.argsort(opos)
+            opos, oval = opos[order], self.outlier_value.astype(jnp.float32)[order]
+            i = jnp.clip(jnp.searchsorted(opos, pos), 0, self.n_outliers - 1)
+            z = jnp.where(opos[i] == pos, oval[i], z)
+        out = z * self.scale.astype(jnp.float32)[group]
+        if self.loc is not None:
+            out = out + self.loc.astype(jnp.float32)[group]
+        return out.reshape(r.shape + tuple(self.value_shape[1:])).astype(dtype or self.dtype)
+
+    def __getitem__(self, idx) -> Any:
+        """Batch members of a batched QArray (a QArray); decoded values otherwise.
+
+        Integer row indices decode only those rows (:meth:`take`); other indices decode the
+        array and index it.
+        """
+        if self.batch_shape:
+            return jax.tree_util.tree_map(lambda a: a[idx], self)
+        if isinstance(idx, (int, np.integer)) or (
+                hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)) or (
+                isinstance(idx, list) and all(isinstance(i, (int, np.integer)) for i in idx)):
+            return self.take(idx)
+        return self.dequantize()[idx]
 
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self.dequantize(), dtype=dtype)
@@ -186,8 +307,8 @@ class QArray:
     # ---------------------------------------------------------------- serialisation
     def metadata(self) -> dict:
         """JSON-able static metadata (enough to rebuild the QArray from its arrays)."""
-        return {
-            "shape": list(self.shape),
+        meta = {
+            "shape": list(self.value_shape),
             "dtype": self.dtype,
             "bits": self.bits,
             "n": self.n,
@@ -199,18 +320,22 @@ class QArray:
             },
             "outliers": self.n_outliers,
         }
+        if self.grid is not None:
+            meta["grid"] = [float(v) for v in self.grid]
+        return meta
 
     @classmethod
     def from_arrays(cls, arrays: dict, metadata: dict) -> "QArray":
         """Rebuilds a QArray from its arrays and :meth:`metadata` (validating both)."""
         try:
             lay = metadata["layout"]
+            grid = metadata.get("grid")
             q = cls(
                 codes=jnp.asarray(arrays["codes"]),
-                codebook=jnp.asarray(arrays["codebook"]),
+                codebook=_optional(arrays.get("codebook")),
                 scale=jnp.asarray(arrays["scale"]),
-                loc=None if arrays.get("loc") is None else jnp.asarray(arrays["loc"]),
-                shape=tuple(int(s) for s in metadata["shape"]),
+                loc=_optional(arrays.get("loc")),
+                value_shape=tuple(int(s) for s in metadata["shape"]),
                 dtype=str(metadata["dtype"]),
                 bits=int(metadata["bits"]),
                 n=int(metadata["n"]),
@@ -220,8 +345,9 @@ class QArray:
                 outlier_index=_optional(arrays.get("outlier_index")),
                 outlier_value=_optional(arrays.get("outlier_value")),
                 n_outliers=int(metadata.get("outliers", 0)),
+                grid=None if grid is None else (float(grid[0]), float(grid[1])),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"corrupt QArray metadata or arrays: {e!r}") from None
         q.validate()
         return q
@@ -230,18 +356,24 @@ class QArray:
         """Checks that array sizes agree with the metadata (raises ``ValueError``)."""
         if self.codes.dtype != jnp.uint32 or self.codes.ndim != 1:
             raise ValueError("QArray.codes must be a 1-D uint32 array")
-        if self.codes.shape[0] != bitpack.packed_nbytes(self.size, self.bits) // 4:
-            raise ValueError(
-                f"QArray.codes has {self.codes.shape[0]} words; shape {self.shape} at "
-                f"{self.bits} bits needs {bitpack.packed_nbytes(self.size, self.bits) // 4}"
-            )
-        g = self.layout.num_groups(self.shape)
+        if not 1 <= self.bits <= 16 or self.n < 1:
+            raise ValueError(f"QArray bits must be in 1..16 and n >= 1, got {self.bits}, {self.n}")
+        words = bitpack.packed_nbytes(self.value_size, self.bits) // 4
+        if self.codes.shape[0] != words:
+            raise ValueError(f"QArray.codes has {self.codes.shape[0]} words; shape "
+                             f"{self.value_shape} at {self.bits} bits needs {words}")
+        self.layout.validate(self.value_shape)
+        g = self.layout.num_groups(self.value_shape)
         if self.scale.shape != (g,) or (self.loc is not None and self.loc.shape != (g,)):
             raise ValueError(f"QArray scale/loc must have shape ({g},)")
-        if self.codebook.shape != (self.n,) or self.n > (1 << self.bits):
-            raise ValueError(f"QArray.codebook must have shape ({self.n},), n <= 2**bits")
+        if (self.codebook is None) == (self.grid is None):
+            raise ValueError("QArray needs exactly one of a codebook and a grid")
+        if self.codebook is not None and self.codebook.shape != (self.n,):
+            raise ValueError(f"QArray.codebook must have shape ({self.n},)")
+        if self.n > (1 << self.bits):
+            raise ValueError(f"QArray has n={self.n} levels, more than 2**bits")
         k = self.n_outliers
-        if k < 0 or k > self.size or (k > 0) != (self.outlier_index is not None) or (
+        if k < 0 or k > self.value_size or (k > 0) != (self.outlier_index is not None) or (
                 (k > 0) != (self.outlier_value is not None)):
             raise ValueError(f"QArray has {k} outliers but outlier arrays do not match")
         if k:
@@ -298,28 +430,11 @@ def is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
 
 
-def register_serialisation(cls, fields: tuple[str, ...]):
-    """Registers ``cls`` with ``flax.serialization``: its array ``fields`` (``None`` ones left
-    out) plus JSON ``metadata``, so it can be rebuilt with or without a target. ``cls`` needs
-    ``metadata()`` and ``from_arrays(arrays, metadata)``. Returns the target-free loader."""
-
-    def to_state(q) -> dict:
-        state = {f: getattr(q, f) for f in fields if getattr(q, f) is not None}
-        state["metadata"] = json.dumps(q.metadata())
-        return state
-
-    def from_state(target, state: dict):
-        meta = json.loads(state["metadata"]) if "metadata" in state else target.metadata()
-        return cls.from_arrays(state, meta)
-
-    serialization.register_serialization_state(cls, to_state, from_state, override=True)
-    return lambda state: from_state(None, state)
-
-
-QARRAY_FIELDS = ("codes", "codebook", "scale", "loc", "outlier_index", "outlier_value")
-_from_state_dict = register_serialisation(QArray, QARRAY_FIELDS)
+QARRAY_FIELDS = QArray.array_fields
 
 
 def from_state_dict(state: dict) -> QArray:
     """Rebuilds a QArray from ``flax.serialization.to_state_dict(q)`` without a target."""
-    return _from_state_dict(state)
+    from .spec import leaf_from_state  # noqa: PLC0415
+
+    return leaf_from_state(QArray, state)

@@ -629,7 +629,7 @@ def _subsample(key: jax.Array, x: jax.Array, size: int) -> jax.Array:
     return jnp.take(x, rows, axis=-2)
 
 
-def _fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
+def fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
     """x (B, N, d) float32 -> batched result."""
     b, n, _ = x.shape
     k_sample, k_seed, k_runs = jax.random.split(key, 3)
@@ -676,8 +676,8 @@ def _fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _fit_jit(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
     if x.ndim == 2:
-        return jax.tree.map(lambda a: a[0], _fit_batched(key, x[None], cfg))
-    return _fit_batched(key, x, cfg)
+        return jax.tree.map(lambda a: a[0], fit_batched(key, x[None], cfg))
+    return fit_batched(key, x, cfg)
 
 
 def fit(key: jax.Array, x: Any, cfg: KMeans | int) -> KMeansResult:
