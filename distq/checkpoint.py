@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import secrets
 import stat
 import struct
@@ -61,12 +62,12 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 #: the safetensors header's own key; no tensor may take this name
 _RESERVED = "__metadata__"
-#: largest header read or written. A quantised leaf costs about 1-2 KB of header (index entries,
-#: tree node, report row), so this holds tens of thousands of leaves; real models need < 1 MiB.
+#: largest header read or written, and largest number of JSON containers and separators (``{``,
+#: ``[``, ``,``) in it, counted before parsing. A quantised leaf costs ~1 KB of header and ~60
+#: such items (index entries, tree node, report row), so the limits hold ~30,000 leaves (a 1 GB
+#: model has ~1,000); a parsed item costs up to ~130 bytes of Python objects, so a hostile
+#: header claims at most ~300 MB while parsing instead of GBs.
 _MAX_HEADER = 64 << 20
-#: largest number of JSON containers and separators (``{``, ``[``, ``,``) in a header, counted
-#: before parsing: each parsed value costs up to ~100 bytes of Python objects, so this bounds
-#: the memory a hostile header can claim (~200 MB) while real headers use ~1 per 10-15 bytes.
 _MAX_JSON_ITEMS = 2_000_000
 #: deepest tree (dicts/lists nested in each other) saved or loaded; real trees are < 20 deep, and
 #: the JSON of a tree is twice as deep, within Python's recursion limit
@@ -124,7 +125,7 @@ class _Writer:
         base, i = name, 1
         while name in self.tensors or name == _RESERVED:
             name, i = f"{base}#{i}", i + 1
-        self.tensors[name] = np.ascontiguousarray(arr)
+        self.tensors[name] = np.asarray(arr, order="C")  # keeps 0-d arrays 0-d
         return name
 
     def node(self, x: Any, path: str, depth: int = 0) -> dict:
@@ -184,7 +185,8 @@ def _as_mapping(x):
     if isinstance(x, FrozenDict):
         return dict(x)
     if isinstance(x, nnx.State):
-        return x.to_pure_dict()
+        to_pure = getattr(nnx, "to_pure_dict", None)  # State.to_pure_dict is deprecated
+        return to_pure(x) if to_pure is not None else x.to_pure_dict()
     return None
 
 
@@ -443,8 +445,7 @@ def save(path: str | os.PathLike, tree: Any, *, report: Any = None,
 
 
 # ------------------------------------------------------------------------------------ reading
-def _loads(text: bytes | str, what: str, path: str, *, constants: bool = True,
-           unique_keys: bool = False) -> Any:
+def _loads(text: bytes | str, what: str, path: str, *, constants: bool = True) -> Any:
     """Parses untrusted JSON, bounding its memory and nesting; errors are CheckpointErrors."""
     if not _json_size_ok(text):
         raise CheckpointError(f"{path!r}: the {what} has more than {_MAX_JSON_ITEMS} JSON items; "
@@ -453,17 +454,10 @@ def _loads(text: bytes | str, what: str, path: str, *, constants: bool = True,
     def no_constant(name):
         raise ValueError(f"{name} is not allowed")
 
-    def pairs(items):
-        d = dict(items)
-        if len(d) != len(items):
-            raise ValueError("duplicate key")
-        return d
-
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, parse_constant=None if constants else no_constant,
-                          object_pairs_hook=pairs if unique_keys else None)
+        return json.loads(text, parse_constant=None if constants else no_constant)
     except RecursionError:
         raise CheckpointError(f"{path!r}: the {what} is nested too deeply") from None
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -510,7 +504,8 @@ def _read(path: str | os.PathLike) -> tuple[dict, memoryview, int]:
         if re.match(rb"[ \t\r\n]*\{", raw) is None:
             raise CheckpointError(f"{path!r}: header is not a JSON object; the file is corrupt "
                                   "or not a checkpoint")
-        header = _loads(raw, "header", path, constants=False, unique_keys=True)
+        # (a repeated tensor name leaves its first bytes unindexed: _tensors rejects the gap)
+        header = _loads(raw, "header", path, constants=False)
         del raw
         data = f.read()
     if not isinstance(header, dict):  # pragma: no cover (ruled out by the first byte)
@@ -522,6 +517,12 @@ def _is_int(x: Any) -> bool:
     return type(x) is int  # not bool, not float
 
 
+def _short(x: Any) -> str:
+    """A bounded ``repr(x)`` for error messages (cheap even for huge values)."""
+    r = reprlib.repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _tensors(header: dict, nbytes: int, path) -> dict:
     """The validated tensor index: known dtypes, non-negative int shapes, int offsets that
     tile the data section exactly (no overlaps, gaps, or bytes outside)."""
@@ -529,22 +530,24 @@ def _tensors(header: dict, nbytes: int, path) -> dict:
     spans = []
     for name, e in index.items():
         if not isinstance(e, dict):
-            raise CheckpointError(f"{path!r}: index entry of tensor {name!r} is not an object")
+            raise CheckpointError(f"{path!r}: index entry of tensor {_short(name)} is not an "
+                                  "object")
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise CheckpointError(f"{path!r}: tensor {name!r} has unknown dtype {dtype!r} "
+            raise CheckpointError(f"{path!r}: tensor {_short(name)} has unknown dtype "
+                                  f"{_short(dtype)} "
                                   f"(known: {', '.join(_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
-            raise CheckpointError(f"{path!r}: tensor {name!r} has a bad shape {shape!r} (a list "
-                                  "of non-negative ints)")
+            raise CheckpointError(f"{path!r}: tensor {_short(name)} has a bad shape "
+                                  f"{_short(shape)} (a list of non-negative ints)")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
                 and 0 <= offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{path!r}: tensor {name!r} has bad data_offsets {offsets!r} "
-                                  "(two non-negative ints, begin <= end)")
+            raise CheckpointError(f"{path!r}: tensor {_short(name)} has bad data_offsets "
+                                  f"{_short(offsets)} (two non-negative ints, begin <= end)")
         a, b = offsets
         if b - a != _DTYPES[dtype].itemsize * math.prod(shape):
-            raise CheckpointError(f"{path!r}: tensor {name!r} has {b - a} bytes but shape "
-                                  f"{shape} of {dtype} needs "
+            raise CheckpointError(f"{path!r}: tensor {_short(name)} has {b - a} bytes but "
+                                  f"shape {_short(shape)} of {dtype} needs "
                                   f"{_DTYPES[dtype].itemsize * math.prod(shape)}")
         spans.append((a, b, name))
     spans.sort()
@@ -552,7 +555,7 @@ def _tensors(header: dict, nbytes: int, path) -> dict:
     for a, b, name in spans:
         if a != end:
             raise CheckpointError(
-                f"{path!r}: tensor {name!r} starts at byte {a} where {end} was expected "
+                f"{path!r}: tensor {_short(name)} starts at byte {a} where {end} was expected "
                 f"({'overlapping another tensor' if a < end else 'leaving a gap'})")
         end = b
     if end != nbytes:
@@ -588,6 +591,7 @@ class _Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = path = os.fspath(path)
+        self.as_numpy = False
         header, self.data, self.size = _read(path)
         meta = header.get(_RESERVED)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -596,11 +600,12 @@ class _Checkpoint:
                 "safetensors file use distq.checkpoint.read_safetensors")
         version = meta.get("version")
         if version not in _READABLE:
-            raise CheckpointError(f"{path!r}: unsupported distq checkpoint version {version!r} "
+            raise CheckpointError(f"{path!r}: unsupported distq checkpoint version "
+                                  f"{_short(version)} "
                                   f"(this distq reads {', '.join(_READABLE)})")
         for k, v in meta.items():
             if not isinstance(v, str):
-                raise CheckpointError(f"{path!r}: metadata entry {k!r} is a "
+                raise CheckpointError(f"{path!r}: metadata entry {_short(k)} is a "
                                       f"{type(v).__name__}, not a string")
         for k in ("tree", "sha256"):
             if k not in meta:
@@ -634,33 +639,33 @@ class _Checkpoint:
                                                          and r["bytes_before"] >= 0))
                   and (r.get("rel_error") is None or (type(r["rel_error"]) in (int, float))))
             if not ok:
-                raise self.fail(f"row {i} of the leaf report is malformed: {str(r)[:120]}")
+                raise self.fail(f"row {i} of the leaf report is malformed: {_short(r)}")
 
     # -------------------------------------------------------------------- tree
     def entry(self, ref: Any, where: str) -> dict:
         """The index entry of tensor ``ref`` (which must exist)."""
         if not isinstance(ref, str) or ref not in self.index:
-            raise self.fail(f"{where} refers to a missing tensor {str(ref)[:80]!r}")
+            raise self.fail(f"{where} refers to a missing tensor {_short(ref)}")
         return self.index[ref]
 
     def tensor(self, ref: Any, where: str) -> np.ndarray:
         return _array(self.data, self.entry(ref, where))
 
-    def walk(self, n: Any, where: str, build: bool, depth: int = 0) -> Any:
-        """Validates tree node ``n`` (and with ``build`` returns its value)."""
-        where = where or "the root"
+    def walk(self, n: Any, path: str, build: bool, depth: int = 0) -> Any:
+        """Validates the tree node ``n`` at ``path`` (and with ``build`` returns its value)."""
+        where = path or "the root"
         if depth > _MAX_DEPTH:
             raise self.fail(f"the tree is nested deeper than {_MAX_DEPTH} levels")
         t = n.get("t") if isinstance(n, dict) else None
         if not isinstance(t, str):
-            raise self.fail(f"tree node at {where} is not a node: {str(n)[:80]}")
+            raise self.fail(f"tree node at {where} is not a node: {_short(n)}")
         if t == "none":
             return None
         if t == "scalar":
             v = n.get("v")
             if type(v) not in (bool, int, float, str) or n.get("py", type(v).__name__) != type(
                     v).__name__:
-                raise self.fail(f"bad scalar at {where}: {str(n)[:80]}")
+                raise self.fail(f"bad scalar at {where}: {_short(n)}")
             return v
         if t == "array":
             self.entry(n.get("ref"), where)
@@ -675,10 +680,10 @@ class _Checkpoint:
         if t == "key":
             return self.key(n, where, build)
         if t in ("dict", "namedtuple", "list", "tuple"):
-            return self.container(n, t, where, build, depth)
+            return self.container(n, t, path, build, depth)
         cls = _spec.leaf_class(t)
         if cls is None:
-            raise self.fail(f"unknown tree node type {t[:40]!r} at {where} (known leaf types: "
+            raise self.fail(f"unknown tree node type {_short(t)} at {where} (known leaf types: "
                             f"{', '.join(c.kind for c in _spec.leaf_types())})")
         return self.leaf(cls, n, where, build)
 
@@ -694,7 +699,8 @@ class _Checkpoint:
         except (TypeError, ValueError) as e:
             raise self.fail(f"bad PRNG key at {where}: {e}") from None
 
-    def container(self, n: dict, t: str, where: str, build: bool, depth: int) -> Any:
+    def container(self, n: dict, t: str, path: str, build: bool, depth: int) -> Any:
+        where = path or "the root"
         values = n.get("v")
         if not isinstance(values, list):
             raise self.fail(f"{t} node at {where} has no value list")
@@ -702,14 +708,14 @@ class _Checkpoint:
             keys = n.get("k")
             if not isinstance(keys, list) or len(keys) != len(values):
                 raise self.fail(f"dict node at {where} has {len(values)} values but keys "
-                                f"{str(keys)[:80]}")
+                                f"{_short(keys)}")
             names = []
             for k in keys:
                 ok = (isinstance(k, list) and len(k) == 2
                       and ((k[0] == "str" and isinstance(k[1], str))
                            or (k[0] == "int" and _is_int(k[1]))))
                 if not ok:
-                    raise self.fail(f"bad dict key {str(k)[:80]} at {where}")
+                    raise self.fail(f"bad dict key {_short(k)} at {where}")
                 names.append(k[1])
             if len(set(names)) != len(names):
                 raise self.fail(f"dict node at {where} repeats a key")
@@ -723,8 +729,7 @@ class _Checkpoint:
             names = list(range(len(values)))
         out = []
         for name, v in zip(names, values):
-            sub = f"{where}/{name}" if where != "the root" else str(name)
-            out.append(self.walk(v, sub, build, depth + 1))
+            out.append(self.walk(v, f"{path}/{name}" if path else str(name), build, depth + 1))
         if t in ("dict", "namedtuple"):
             return dict(zip(names, out))
         return out if t == "list" else tuple(out)
@@ -735,7 +740,7 @@ class _Checkpoint:
             raise self.fail(f"{cls.kind} at {where} lacks its metadata or arrays")
         unknown = set(refs) - set(cls.array_fields)
         if unknown:
-            raise self.fail(f"{cls.kind} at {where} has unknown arrays {sorted(unknown)} "
+            raise self.fail(f"{cls.kind} at {where} has unknown arrays {_short(sorted(unknown))} "
                             f"(allowed: {', '.join(cls.array_fields)})")
         for ref in refs.values():
             self.entry(ref, where)
@@ -787,11 +792,11 @@ def _max_code(words: np.ndarray, bits: int, count: int) -> int:
 
 
 def _check_code_range(leaf: Any, arrays: dict, where: str, fail) -> None:
-    """Rejects codes that index past the codebook.
+    """Rejects codes that index past the levels.
 
-    Applies to leaves whose ``codes`` array packs ``prod(shape)`` codes of ``bits`` bits into a
-    codebook of ``n < 2**bits`` levels (QArray's contract): decoding would read past the
-    codebook, and JAX clamps such reads silently instead of failing.
+    Applies to leaves whose ``codes`` array is one stream of ``prod(shape)`` codes of ``bits``
+    bits for ``n < 2**bits`` levels (QArray's contract): decoding would read past the codebook
+    (JAX clamps such reads silently) or past the grid.
     """
     n, bits, codes = getattr(leaf, "n", None), getattr(leaf, "bits", None), arrays.get("codes")
     if codes is None or not _is_int(n) or not _is_int(bits) or not 1 <= bits <= 32:
@@ -799,9 +804,11 @@ def _check_code_range(leaf: Any, arrays: dict, where: str, fail) -> None:
     count = math.prod(getattr(leaf, "shape", ()))
     if n >= 1 << bits or count == 0:
         return
+    if codes.dtype != np.uint32 or codes.ndim != 1 or codes.size * 32 < count * bits:
+        return  # not one stream of this leaf's codes: the contract does not apply
     top = _max_code(codes, bits, count)
     if top >= n:
-        raise fail(f"{leaf.kind} at {where} has code {top}, beyond its codebook of {n} levels")
+        raise fail(f"{leaf.kind} at {where} has code {top}, beyond its {n} levels")
 
 
 def info(path: str | os.PathLike) -> dict:

@@ -1,11 +1,10 @@
-"""The ``distq`` command line: quantise checkpoints, inspect them, run the demo and simulations.
+"""The ``distq`` command line: quantise checkpoints, inspect them, run the demo.
 
 Synopsis::
 
-    distq quantize IN OUT --rule REGEX=SPEC [--rule ...] [--dry-run] [--force] [--quiet]
-                          [--progress | --no-progress] [--seed N]
+    distq quantize IN OUT --rule REGEX=SPEC [--rule ...] [--dry-run] [--allow-unused]
+                          [--force] [--quiet] [--progress | --no-progress] [--seed N]
     distq info CKPT [--json]
-    distq simulate [--quick] [--no-library] [--out DIR] [--replot]
     distq demo
     distq --version
 
@@ -13,34 +12,29 @@ Synopsis::
 dotted tensor names, ``encoder.layer.0.attention.self.query.weight``), a msgpack-serialised Flax
 tree (``flax.serialization.msgpack_serialize``: leaves are named by their ``/``-joined paths,
 ``params/Dense_0/kernel``) or a distq checkpoint (``/``-joined paths; already quantised leaves
-are kept). Rules are tried in order and the first whose regex ``re.fullmatch``-es the leaf's
-name wins; a leaf no rule matches is kept as it is, and so is every leaf that is not floating
-point (integer buffers such as ``position_ids``), whatever rule matches.
+are kept).
 
-``SPEC`` is a short string (see :func:`parse_spec`)::
+The command line is a thin layer over the library: the rules become a :func:`distq.plan` (which
+rule and resolved spec each leaf gets, every problem, the rules that match nothing); ``--dry-run``
+prints that plan, and the real run checks it before any work and hands it to
+:func:`distq.quantize_tree`. ``SPEC`` is the text form of :func:`distq.parse_spec`
+(``scalar:4,group=64``, ``int:8``, ``nf4``, ``pq:16:8``, ``cast:bf16``, ``none``).
 
-    none | keep                      keep the leaf as it is
-    scalar[:BITS]                    distq.Scalar (distributional; default 4 bits)
-    int[:BITS]                       distq.Uniform (integer; default 8 bits, symmetric)
-    nf4                              distq.NF4 (blocks of 64)
-    pq:M[:BITS]                      distq.PQ (M sub-spaces, default 8 bits; matrices only)
-    cast[:DTYPE]                     distq.Cast (bfloat16 | float16 | float32)
-
-followed by ``,key=value`` options: the spec's field names (``group_size``, ``axis``,
-``symmetric``, ``opq``, ...) or their short forms (``group``, ``sym``, ``scale``, ...); a bare
-``,key`` means ``key=true``. Values are parsed to int, float, bool (``true``/``false``), ``none``
-or a tuple of ints (``axis=(0,1)``), as the field requires.
+This module imports only the standard library: ``--help``, ``--version`` and the usage errors
+that need no spec (a missing argument, a rule without ``=SPEC``, a bad ``--seed``) answer before
+JAX is imported.
 
 Exit status: 0 on success, 2 for a usage error (bad option, rule or spec string), 1 for any other
-failure (missing or corrupt file, unsupported input format, a spec a leaf cannot take, refusing to
-overwrite). Errors are one line on stderr, ``distq: error: ...``.
+failure (missing or corrupt file, unsupported input format, a spec a leaf cannot take, a rule that
+matches no leaf, refusing to overwrite). Errors are one line on stderr, ``distq: error: ...``;
+set ``DISTQ_TRACEBACK=1`` to see the traceback of an unexpected one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -48,11 +42,17 @@ import re
 import struct
 import sys
 import time
+import warnings
 from typing import Any, Sequence
 
-__all__ = ["main", "parse_spec", "parse_rule", "UsageError", "CliError"]
+__all__ = ["main", "build_parser", "parse_spec", "parse_rule", "read_input", "UsageError",
+           "CliError"]
 
 PROG = "distq"
+#: ``--seed`` range: a ``jax.random.key`` seed is 32 bits wide without x64 (larger ones collide)
+SEED_MAX = 2**32 - 1
+#: largest integer option value: JAX integers are 32-bit by default
+_INT_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -75,122 +75,66 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _one_line(e: BaseException | str) -> str:
+    s = str(e).strip()
+    return " ".join(s.split()) or type(e).__name__
+
+
+def _clip(s: str, limit: int = 80) -> str:
+    """``s``, or its start and its length when it is longer than ``limit`` characters."""
+    return s if len(s) <= limit else f"{s[:limit - 24]}...({len(s)} characters)"
+
+
+def _quoted(text: str) -> str:
+    """``repr(text)``, clipped (a pasted 4000-digit number stays a readable message)."""
+    return repr(text) if len(text) <= 80 else f"{repr(text[:56])}...({len(text)} characters)"
+
+
 # ----------------------------------------------------------------------------------- specs
-_KINDS = ("none", "keep", "scalar", "int", "uniform", "nf4", "pq", "cast")
-_CAST_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16",
-                 "fp32": "float32", "f32": "float32", "float": "float32"}
-#: short option names -> the spec's field names (only those the spec has are offered)
-_ALIASES = {
-    "group": "group_size", "gs": "group_size", "gaxis": "group_axis",
-    "sym": "symmetric", "scale": "scale_dtype", "obj": "objective", "iter": "max_iter",
-    "codebook": "codebook_dtype", "cb": "codebook_dtype",
-}
-_HIDDEN = {"verbose"}  # PQ.verbose prints from inside jit: not a CLI option
+def _spec_module():
+    """:mod:`distq.core.spec` with the built-in spec kinds registered (imports JAX)."""
+    from .core import cast, pq, scalar  # noqa: F401 (importing them registers their kinds)
+    from .core import spec
+
+    return spec
 
 
-def _spec_classes() -> dict:
-    import distq
+def _checkpoint_module():
+    """:mod:`distq.checkpoint`, with the built-in leaf kinds registered so that it reads them."""
+    _spec_module()
+    from . import checkpoint
 
-    return {"scalar": distq.Scalar, "int": distq.Uniform, "uniform": distq.Uniform,
-            "nf4": distq.NF4, "pq": distq.PQ, "cast": distq.Cast}
-
-
-def _field_types(cls) -> dict[str, set[str]]:
-    """``{field name: set of type names}`` from the dataclass annotations (strings or types)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name in _HIDDEN:
-            continue
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        names = {p.strip() for p in t.split("|")}
-        if "Axis" in names:  # int | tuple[int, ...] | None
-            names = (names - {"Axis"}) | {"axis", "None"}
-        out[f.name] = names
-    return out
+    return checkpoint
 
 
-def _allowed_keys(cls) -> list[str]:
-    fields = _field_types(cls)
-    short = [a for a, full in _ALIASES.items() if full in fields]
-    return sorted(fields) + sorted(short)
-
-
-def _split_options(text: str) -> list[str]:
-    """Splits on commas outside parentheses (so ``axis=(0,1)`` stays one option)."""
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth = max(depth - 1, 0)
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts]
-
-
-def _parse_int(raw: str) -> int | None:
-    try:
-        return int(raw, 0) if raw.lower().startswith(("0x", "-0x")) else int(raw)
-    except ValueError:
-        return None
-
-
-def _coerce(key: str, raw: str, types: set[str], where: str) -> Any:
-    """Parses one option value to the type its field wants; raises :class:`UsageError`."""
-    low = raw.strip().lower()
-    if low in ("none", "null"):
-        if "None" in types:
-            return None
-        raise UsageError(f"{where}: {key} cannot be none")
-    if "bool" in types:
-        if low in ("true", "yes", "on", "1"):
-            return True
-        if low in ("false", "no", "off", "0"):
-            return False
-        raise UsageError(f"{where}: {key} must be true or false, got {raw!r}")
-    if "axis" in types:
-        inner = low.strip("()[]")
-        items = [s for s in re.split(r"[,+\s]+", inner) if s]
-        vals = [_parse_int(s) for s in items]
-        if not items or any(v is None for v in vals):
-            raise UsageError(f"{where}: {key} must be an int or a tuple of ints like (0,1), "
-                             f"got {raw!r}")
-        is_tuple = low.startswith(("(", "[")) or len(vals) > 1
-        return tuple(vals) if is_tuple else vals[0]
-    if "int" in types:
-        v = _parse_int(raw.strip())
-        if v is None:
-            raise UsageError(f"{where}: {key} must be an integer, got {raw!r}")
-        return v
-    if "float" in types:
-        try:
-            return float(raw)
-        except ValueError:
-            raise UsageError(f"{where}: {key} must be a number, got {raw!r}") from None
-    if raw.strip() == "":
-        raise UsageError(f"{where}: {key} needs a value")
-    return raw.strip()
+def _check_int_range(spec: Any, where: str) -> None:
+    """Rejects integer fields beyond JAX's 32-bit integers (``max_iter=10000000000`` would
+    overflow inside a jitted computation, after the earlier leaves' work)."""
+    if not dataclasses.is_dataclass(spec):
+        return
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, int) and not isinstance(x, bool) and abs(x) > _INT_MAX:
+                digits = str(x)
+                shown = digits if len(digits) <= 24 else f"{digits[:20]}...({len(digits)} digits)"
+                raise UsageError(f"{where}: {f.name}={shown} is out of range (at most "
+                                 f"{_INT_MAX} in absolute value)")
 
 
 def parse_spec(text: str) -> Any:
-    """Parses a short spec string into a distq spec (or ``None`` for "keep").
+    """Parses a spec string with :func:`distq.parse_spec`; errors become :class:`UsageError`.
 
     Args:
-      text: ``KIND[:POS[:POS]][,key=value...]``; see the module docstring for the kinds
-        (``none``, ``scalar:4``, ``int:8``, ``nf4``, ``pq:16:8``, ``cast:bfloat16``) and options
-        (``scalar:4,group=64``, ``int:4,group=64,symmetric=false``, ``pq:16:8,opq=true``).
+      text: ``KIND[:POS[:POS]][,key=value...]``, e.g. ``none``, ``scalar:4,group=64``,
+        ``int:4,symmetric=false``, ``nf4``, ``pq:16:8,opq``, ``cast:bf16``.
 
     Returns:
-      ``None``, or a :class:`distq.Scalar`, :class:`distq.Uniform`, :class:`distq.NF4`,
-      :class:`distq.PQ` or :class:`distq.Cast`.
+      ``None`` (keep the leaf) or a spec (:class:`distq.Scalar`, :class:`distq.Uniform`, ...).
 
     Raises:
-      UsageError: an unknown kind or key, a value of the wrong type, or a spec the library
-        rejects (e.g. ``scalar:40``); the message is one line.
+      UsageError: an unknown kind or option, a bad value, a spec the library rejects, or an
+        integer beyond 32 bits; the message is one line.
 
     Examples:
       >>> parse_spec("int:4,group=64,symmetric=false")
@@ -198,92 +142,61 @@ def parse_spec(text: str) -> Any:
       >>> parse_spec("none") is None
       True
     """
-    where = f"bad spec {text!r}"
-    if not isinstance(text, str) or not text.strip():
-        raise UsageError(f"{where}: empty; expected one of {', '.join(_KINDS)}")
-    head, *opts = _split_options(text.strip())
-    kind, *pos = [p.strip() for p in head.split(":")]
-    kind = kind.lower()
-    if kind not in _KINDS:
-        raise UsageError(f"{where}: unknown kind {kind!r}; expected one of "
-                         f"{', '.join(_KINDS)} (e.g. scalar:4, int:8, nf4, pq:16:8, "
-                         "cast:bfloat16)")
-    if kind in ("none", "keep"):
-        if pos or any(opts):
-            raise UsageError(f"{where}: '{kind}' takes no arguments or options")
-        return None
-    cls = _spec_classes()[kind]
-    types = _field_types(cls)
-    kwargs: dict[str, Any] = {}
-    # positional parts
-    if kind in ("scalar", "int", "uniform"):
-        names = ["bits"]
-    elif kind == "pq":
-        names = ["m", "bits"]
-    elif kind == "cast":
-        names = ["dtype"]
-    else:  # nf4
-        names = []
-    if len(pos) > len(names):
-        form = {"scalar": "scalar:BITS", "int": "int:BITS", "uniform": "uniform:BITS",
-                "nf4": "nf4", "pq": "pq:M:BITS", "cast": "cast:DTYPE"}[kind]
-        raise UsageError(f"{where}: too many ':' parts; the form is {form}")
-    for name, raw in zip(names, pos):
-        if name == "dtype":
-            raw = _CAST_ALIASES.get(raw.lower(), raw)
-        kwargs[name] = _coerce(name, raw, types[name], where)
-    # options
-    for opt in opts:
-        if not opt:
-            raise UsageError(f"{where}: empty option (a stray ',')")
-        key, eq, raw = opt.partition("=")
-        key = key.strip().lower().replace("-", "_")
-        full = _ALIASES.get(key, key)
-        if full not in types:
-            raise UsageError(f"{where}: unknown option {key!r} for {kind}; allowed: "
-                             f"{', '.join(_allowed_keys(cls))}")
-        if not eq:
-            if "bool" not in types[full]:
-                raise UsageError(f"{where}: option {key!r} needs a value ({key}=...)")
-            raw = "true"
-        if full in kwargs:
-            raise UsageError(f"{where}: {full} is given twice")
-        if full == "dtype":
-            raw = _CAST_ALIASES.get(raw.strip().lower(), raw)
-        kwargs[full] = _coerce(full, raw, types[full], where)
-    if kind == "pq" and "m" not in kwargs:
-        raise UsageError(f"{where}: pq needs the number of sub-spaces, e.g. pq:16:8 (pq:M:BITS)")
+    spec_mod = _spec_module()
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{where}: {e}") from None
+        spec = spec_mod.parse_spec(text)
+    except spec_mod.SpecSyntaxError as e:
+        msg = _one_line(e)
+        if isinstance(text, str):
+            msg = msg.replace(repr(text), _quoted(text))
+        raise UsageError(_clip(msg, 1000)) from None
+    _check_int_range(spec, f"bad spec {_quoted(text)}")
+    return spec
 
 
 def parse_rule(text: str) -> tuple[str, Any]:
     """Parses ``REGEX=SPEC`` into ``(regex, spec)``; the regex is checked to compile.
 
-    The split is at the first ``=`` that is followed by a spec kind (so a regex may hold ``=``,
-    e.g. a lookahead, and a spec's options hold ``=`` too).
+    The split is at the first ``=`` followed by a spec kind (``distq.core.spec.spec_kinds()``),
+    so a regex may hold ``=`` (a lookahead) and a spec's options hold ``=`` too. A rule without
+    any ``=`` is rejected before JAX is imported.
 
     Raises:
       UsageError: no ``=SPEC`` part, an invalid regex or a bad spec (one line).
     """
-    kinds = "|".join(_KINDS)
+    example = "(e.g. '.*\\.weight=scalar:4')"
+    where = f"bad rule {_quoted(text)}"
+    if "=" not in text:
+        raise UsageError(f"{where}: expected REGEX=SPEC {example}")
+    kinds = _spec_module().spec_kinds()
+    alternatives = "|".join(re.escape(k) for k in sorted(kinds, key=len, reverse=True))
     for m in re.finditer("=", text):
         rest = text[m.end():]
-        if re.match(rf"\s*({kinds})\s*(:|,|$)", rest, re.IGNORECASE):
+        if re.match(rf"\s*({alternatives})\s*(:|,|$)", rest, re.IGNORECASE):
             regex = text[:m.start()]
             break
     else:
-        raise UsageError(f"bad rule {text!r}: expected REGEX=SPEC with SPEC starting with one of "
-                         f"{', '.join(_KINDS)} (e.g. '.*\\.weight=scalar:4')")
+        raise UsageError(f"{where}: expected REGEX=SPEC with SPEC starting with one of "
+                         f"{', '.join(kinds)} {example}")
     if not regex:
-        raise UsageError(f"bad rule {text!r}: empty regex (use '.*' to match every leaf)")
+        raise UsageError(f"{where}: empty regex (use '.*' to match every leaf)")
     try:
         re.compile(regex)
     except re.error as e:
-        raise UsageError(f"bad rule {text!r}: invalid regex {regex!r}: {e}") from None
+        raise UsageError(f"{where}: invalid regex {_quoted(regex)}: {e}") from None
     return regex, parse_spec(rest)
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in ``0..SEED_MAX`` (an ``argparse`` type)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {_quoted(text)}: expected an integer "
+                                         f"0..{SEED_MAX}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {_clip(text, 40)} is out of range 0..{SEED_MAX}")
+    return v
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -331,7 +244,7 @@ def _read_msgpack(path: str):
                        "checkpoint nor a msgpack-serialised Flax tree")
     try:
         tree = serialization.msgpack_restore(raw)
-    except Exception as e:  # msgpack raises many types for corrupt data
+    except Exception as e:  # noqa: BLE001 (msgpack raises many types for corrupt data)
         raise CliError(f"{path}: cannot read it as a msgpack Flax tree "
                        f"({type(e).__name__}: {_one_line(e)})") from None
     if not isinstance(tree, dict):
@@ -349,175 +262,17 @@ def read_input(path: str) -> tuple[Any, str]:
     Raises:
       CliError: a missing, unreadable, corrupt or unsupported file.
     """
-    import distq
-
+    checkpoint = _checkpoint_module()
     _check_input(path)
     kind = _sniff(path)
     try:
         if kind == "safetensors":
-            return dict(distq.checkpoint.read_safetensors(path)), kind
+            return dict(checkpoint.read_safetensors(path)), kind
         if kind == "distq":
-            return distq.load(path, as_numpy=True), kind
-    except distq.checkpoint.CheckpointError as e:
+            return checkpoint.load(path, as_numpy=True), kind
+    except checkpoint.CheckpointError as e:
         raise CliError(_one_line(e)) from None
     return _read_msgpack(path), "msgpack"
-
-
-# ----------------------------------------------------------------------------------- helpers
-def _one_line(e: BaseException | str) -> str:
-    s = str(e).strip()
-    return " ".join(s.split()) or type(e).__name__
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n:,}"
-
-
-def _table(rows: list[tuple]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
-    return "\n".join(lines)
-
-
-def _shape_str(shape) -> str:
-    return "x".join(map(str, shape)) or "()"
-
-
-def _is_float_dtype(leaf) -> bool:
-    import numpy as np
-    import jax.numpy as jnp
-
-    dt = getattr(leaf, "dtype", None)
-    if dt is None or not hasattr(leaf, "shape"):
-        return False
-    return bool(jnp.issubdtype(np.dtype(dt), jnp.floating))
-
-
-def _leaves(tree) -> list[tuple[str, Any]]:
-    import jax
-
-    from . import tree as T
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=T.is_quantized)
-    return [(T.path_str(p), leaf) for p, leaf in flat]
-
-
-def _match(rules, path: str) -> tuple[Any, int | None]:
-    for i, (regex, spec) in enumerate(rules):
-        if re.fullmatch(regex, path):
-            return spec, i
-    return None, None
-
-
-def _problem(leaf, spec) -> str | None:
-    """Why ``spec`` cannot be applied to ``leaf`` (checked before any work), or ``None``."""
-    import distq
-    from .core.scalar import layout_for
-
-    shape = tuple(leaf.shape)
-    try:
-        if isinstance(spec, distq.PQ):
-            if len(shape) != 2:
-                return f"a PQ spec needs a matrix, got shape {shape}"
-            if shape[1] % spec.m:
-                return f"m={spec.m} sub-spaces must divide the row length {shape[1]}"
-            if shape[0] < spec.num_centroids:
-                return (f"bits={spec.bits} needs at least {spec.num_centroids} rows, got "
-                        f"{shape[0]}")
-        elif isinstance(spec, (distq.Scalar, distq.Uniform, distq.NF4)):
-            layout_for(spec, shape)
-    except ValueError as e:
-        return _one_line(e)
-    return None
-
-
-class _Progress:
-    """One stderr line per finished leaf: ``[12/103] name spec 0.4 s``."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __call__(self, i: int, name: str, what: str, seconds: float) -> None:
-        if self.enabled:
-            print(f"[{i}/{self.total}] {name} {what} {seconds:.1f} s", file=sys.stderr,
-                  flush=True)
-
-
-# ----------------------------------------------------------------------------------- quantize
-def _quantize_leaves(tree, rules, seed: int, progress: _Progress):
-    """Quantises leaf by leaf (for progress); returns ``(qtree, TreeReport)``."""
-    import warnings
-
-    import jax
-
-    import distq
-    from . import tree as T
-
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=T.is_quantized)
-    key = jax.random.key(seed)
-    out, reports, used = [], [], [False] * len(rules)
-    for i, (p, leaf) in enumerate(flat):
-        path = T.path_str(p)
-        spec, ri = _match(rules, path)
-        if ri is not None:
-            used[ri] = True
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                q, rep = distq.quantize_tree({path: leaf}, [(".*", spec)] if spec else [],
-                                             key=jax.random.fold_in(key, i), warn_unused=False)
-            except (ValueError, TypeError) as e:
-                raise CliError(_one_line(e)) from None
-        (r,) = rep.leaves
-        if not r.note and not T.is_quantized(leaf) and not _is_float_dtype(leaf):
-            r = dataclasses.replace(r, note="not floating point: kept")
-        q = q[path]
-        jax.block_until_ready(q)
-        out.append(q)
-        reports.append(r)
-        progress(i + 1, path, T.spec_str(r.spec) if r.spec is not None else "kept",
-                 time.perf_counter() - t0)
-    unused = tuple(regex for (regex, _), u in zip(rules, used) if not u)
-    return jax.tree_util.tree_unflatten(treedef, out), T.TreeReport(tuple(reports), unused)
-
-
-def _dry_run(tree, rules) -> int:
-    from . import tree as T
-
-    rows = [("name", "shape", "dtype", "rule", "spec", "note")]
-    used = [False] * len(rules)
-    problems = []
-    for path, leaf in _leaves(tree):
-        spec, ri = _match(rules, path)
-        if ri is not None:
-            used[ri] = True
-        note = ""
-        if T.is_quantized(leaf):
-            note, spec = ("already quantised: kept" if spec is not None else ""), None
-        elif not _is_float_dtype(leaf):
-            note, spec = "not floating point: kept", None
-        elif spec is not None:
-            spec = T.resolve_spec(spec, path, leaf)
-            why = _problem(leaf, spec)
-            if why:
-                note = f"PROBLEM: {why}"
-                problems.append(f"leaf {path!r}: {why}")
-        rule = "-" if ri is None else f"#{ri + 1} {rules[ri][0]}"
-        rows.append((path, _shape_str(getattr(leaf, "shape", ())),
-                     str(getattr(leaf, "dtype", type(leaf).__name__)), rule,
-                     T.spec_str(spec), note))
-    print(_table(rows))
-    n_q = sum(1 for r in rows[1:] if r[4] != "none")
-    print(f"{len(rows) - 1} leaves, {n_q} to quantise (dry run: nothing written)")
-    unused = [regex for (regex, _), u in zip(rules, used) if not u]
-    if unused:
-        print(f"rules that match no leaf: {unused}")
-    if problems:
-        raise CliError(f"{len(problems)} leaf/leaves cannot take their spec; first: "
-                       f"{problems[0]}")
-    return 0
 
 
 def _check_output(inp: str, out: str, force: bool) -> None:
@@ -534,36 +289,258 @@ def _check_output(inp: str, out: str, force: bool) -> None:
         raise CliError(f"{out} exists; use --force to overwrite it")
 
 
+# ----------------------------------------------------------------------------------- helpers
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,}"
+
+
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def _shape_str(shape) -> str:
+    return "x".join(map(str, shape)) or "()"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{int(s) // 60} min {int(s) % 60:02d} s"
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Shows the library's warnings as ``distq: warning: ...`` lines (no file and line)."""
+    old = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        del category, filename, lineno, file, line
+        print(f"{PROG}: warning: {_one_line(str(message))}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
+# ----------------------------------------------------------------------------------- plan checks
+def _rule_label(args_rules: list[str], index: int) -> str:
+    return f"--rule '{args_rules[index]}'" if index < len(args_rules) else f"rule #{index}"
+
+
+def _keep_rule_hint(plan) -> str:
+    """A regex that matches the first problem leaf (and as many other problem leaves as it can)
+    but no leaf the plan quantises: a ``=none`` rule before the others fixes those leaves."""
+    bad = [r for r in plan.leaves if r.problem]
+    quantised = [r.path for r in plan.leaves if r.spec is not None]
+    best, covered = re.escape(bad[0].path), 1
+    for token in re.split(r"[./]", bad[0].path):
+        if not token or token.isdigit():
+            continue
+        pattern = f".*{re.escape(token)}.*"
+        if any(re.fullmatch(pattern, p) for p in quantised):
+            continue
+        n = sum(1 for r in bad if re.fullmatch(pattern, r.path))
+        if n >= covered:  # ties: the token nearer the leaf's own name
+            best, covered = pattern, n
+    return best
+
+
+def _default_axis_hint(leaf) -> str | None:
+    """The leaf's spec with ``axis`` back at its default, if that fits the leaf."""
+    from . import planning
+
+    spec_mod = _spec_module()
+    spec = leaf.requested
+    if not dataclasses.is_dataclass(spec):
+        return None
+    fields = {f.name: f for f in dataclasses.fields(spec)}
+    if "axis" not in fields or fields["axis"].default is dataclasses.MISSING:
+        return None
+    default = fields["axis"].default
+    if spec.axis == default:
+        return None
+    try:
+        candidate = dataclasses.replace(spec, axis=default)
+        if candidate.resolve(leaf.shape, role=planning.leaf_role(leaf.path)).problem(leaf.shape):
+            return None
+    except (ValueError, TypeError):
+        return None
+    return spec_mod.spec_str(candidate)
+
+
+def _problem_message(plan, args_rules: list[str]) -> str:
+    """One line: the first leaf that cannot take its spec, why, and how to fix the rules."""
+    spec_mod = _spec_module()
+    bad = [r for r in plan.leaves if r.problem]
+    first = bad[0]
+    rule = "" if first.rule is None else f" (from {_rule_label(args_rules, first.rule)})"
+    msg = (f"leaf {first.path!r} (shape {first.shape}) cannot take "
+           f"{spec_mod.spec_str(first.requested)}{rule}: {first.problem}")
+    if len(bad) > 1:
+        more = len(bad) - 1
+        msg += (f"; {more} more {'leaf' if more == 1 else 'leaves'} cannot take theirs "
+                "(see --dry-run)")
+    msg += (f"; keep such leaves with a rule before that one, e.g. "
+            f"--rule '{_keep_rule_hint(plan)}=none'")
+    axis = _default_axis_hint(first)
+    if axis:
+        msg += f", or leave the axis to distq: {axis}"
+    return msg
+
+
+def _unused_lines(plan, args_rules: list[str]) -> list[str]:
+    """One line per rule that matches no leaf, naming the rule."""
+    used = {r.rule for r in plan.leaves if r.rule is not None}
+    return [f"{_rule_label(args_rules, i)} matches no leaf" for i in range(len(plan.rules))
+            if i not in used]
+
+
+def _check_plan(plan, args_rules: list[str], allow_unused: bool) -> None:
+    """Raises :class:`CliError` for a leaf that cannot take its spec, and for a rule that
+    matches nothing unless ``allow_unused`` (then a warning line)."""
+    try:
+        plan.check(allow_unused=allow_unused)
+    except ValueError:
+        if plan.problems:
+            raise CliError(_problem_message(plan, args_rules)) from None
+        names = [r.path for r in plan.leaves[:2]]
+        example = f" (leaf names look like {', '.join(map(repr, names))})" if names else ""
+        raise CliError("; ".join(_unused_lines(plan, args_rules)) + example
+                       + "; fix or remove the rule, or pass --allow-unused") from None
+    for line in _unused_lines(plan, args_rules):
+        print(f"{PROG}: warning: {line}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------- progress
+class _Progress:
+    """Progress over the plan's quantised leaves, weighted by their number of values.
+
+    A ``rich`` progress bar with the time left when stderr is a terminal and ``rich`` is
+    importable (it comes with Flax), else one stderr line per leaf,
+    ``[3/12] name spec  (elapsed 4.1 s, about 9.0 s left)``. Used as
+    ``quantize_tree(..., progress=p)`` inside ``with p:``.
+    """
+
+    def __init__(self, plan, enabled: bool, terminal: bool):
+        self.leaves = plan.quantized()
+        self.total = sum(max(math.prod(r.shape), 1) for r in self.leaves)
+        self.enabled = enabled and bool(self.leaves)
+        self.done = self.count = 0
+        self.previous = None
+        self.bar = None
+        self.spec_str = _spec_module().spec_str
+        if self.enabled and terminal:
+            try:
+                from rich import progress as rp
+                from rich.console import Console
+            except ImportError:  # pragma: no cover (rich comes with Flax)
+                rp = None
+            if rp is not None:
+                self.bar = rp.Progress(
+                    rp.TextColumn("{task.description}", markup=False), rp.BarColumn(),
+                    rp.TaskProgressColumn(), rp.TimeElapsedColumn(), rp.TextColumn("eta"),
+                    rp.TimeRemainingColumn(), console=Console(file=sys.stderr),
+                    transient=False)
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("quantising", total=self.total)
+        return self
+
+    def _finish_previous(self) -> None:
+        if self.previous is not None:
+            self.done += max(math.prod(self.previous.shape), 1)
+            if self.bar is not None:
+                self.bar.update(self.task, completed=self.done)
+
+    def __call__(self, i: int, leaf) -> None:
+        del i
+        if not self.enabled:
+            return
+        self._finish_previous()
+        self.previous, self.count = leaf, self.count + 1
+        what = f"[{self.count}/{len(self.leaves)}] {leaf.path}"
+        if self.bar is not None:  # the leaf's name only: the bar needs the room
+            self.bar.update(self.task, description=what)
+            return
+        what += f" {self.spec_str(leaf.spec)}"
+        elapsed = time.perf_counter() - self.t0
+        left = (f", about {_fmt_seconds(elapsed * (self.total - self.done) / self.done)} left"
+                if self.done else "")
+        print(f"{what}  (elapsed {_fmt_seconds(elapsed)}{left})", file=sys.stderr, flush=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.enabled:
+            return
+        if exc_type is None:
+            self._finish_previous()
+            self.previous = None
+        elapsed = time.perf_counter() - self.t0
+        if self.bar is not None:
+            if exc_type is None:
+                self.bar.update(self.task, description=f"quantised {self.count} leaves")
+            self.bar.stop()
+        elif exc_type is None:
+            print(f"quantised {self.count} leaves in {_fmt_seconds(elapsed)}", file=sys.stderr,
+                  flush=True)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------------- quantize
 def cmd_quantize(args) -> int:
     """``distq quantize``: see ``distq quantize --help``."""
-    import distq
-
-    rules = [parse_rule(r) for r in args.rule]
     if args.out is None and not args.dry_run:
         raise UsageError("OUT is required unless --dry-run is given "
                          f"(see '{PROG} quantize --help')")
+    for text in args.rule:  # the checks that need no spec kinds: before JAX is imported
+        if "=" not in text:
+            parse_rule(text)
+    rules = [parse_rule(r) for r in args.rule]
     _check_input(args.input)
     if args.out is not None and not args.dry_run:
         _check_output(args.input, args.out, args.force)
     t0 = time.perf_counter()
     tree, fmt = read_input(args.input)
+
+    import jax
+
+    import distq
+
+    try:
+        plan = distq.plan(tree, rules)
+    except (ValueError, TypeError) as e:
+        raise CliError(_one_line(e)) from None
     if args.dry_run:
-        return _dry_run(tree, rules)
-    for path, leaf in _leaves(tree):  # fail before any work, not after an hour
-        spec, _ = _match(rules, path)
-        if (spec is not None and hasattr(leaf, "shape") and _is_float_dtype(leaf)
-                and not distq.is_quantized(leaf)):
-            spec = distq.tree.resolve_spec(spec, path, leaf)
-            why = _problem(leaf, spec)
-            if why:
-                raise CliError(f"leaf {path!r} (shape {tuple(leaf.shape)}) cannot take "
-                               f"{distq.tree.spec_str(spec)}: {why}")
+        print(plan.table())
+        print(f"{len(plan.leaves)} leaves, {len(plan.quantized())} to quantise "
+              f"(dry run: nothing written)")
+        _check_plan(plan, args.rule, args.allow_unused)
+        return 0
+    _check_plan(plan, args.rule, args.allow_unused)  # before any work, not after an hour
+
     show = args.progress if args.progress is not None else (
-        sys.stderr.isatty() and not args.quiet)
-    n = len(_leaves(tree))
-    qtree, report = _quantize_leaves(tree, rules, args.seed, _Progress(n, show))
+        _stderr_is_terminal() and not args.quiet)
+    progress = _Progress(plan, show, _stderr_is_terminal())
+    try:
+        with _one_line_warnings(), progress:
+            qtree, report = distq.quantize_tree(tree, plan, key=jax.random.key(args.seed),
+                                                progress=progress, warn_unused=False)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise CliError(_one_line(e)) from None
+    spec_str = _spec_module().spec_str
     metadata = {"source": os.path.basename(args.input), "source_format": fmt,
-                "rules": json.dumps([[r, distq.tree.spec_str(s)] for r, s in rules]),
+                "rules": json.dumps([[r, spec_str(s)] for r, s in rules]),
                 "distq_version": distq.__version__}
     try:
         size = distq.save(args.out, qtree, report=report, metadata=metadata)
@@ -576,7 +553,7 @@ def cmd_quantize(args) -> int:
               f"{report.bits_per_weight():.2f} bits/weight on them; "
               f"{_fmt_bytes(report.bytes_before)} -> {_fmt_bytes(report.bytes_after)} bytes "
               f"({report.ratio:.2f}x); wrote {args.out} ({_fmt_bytes(size)} bytes) in "
-              f"{time.perf_counter() - t0:.1f} s")
+              f"{_fmt_seconds(time.perf_counter() - t0)}")
     return 0
 
 
@@ -607,8 +584,8 @@ def _rows_from_tree(info: dict) -> list[dict]:
             b = nbytes(n["ref"])
             rows.append({"path": path, "spec": "none", "shape": e["shape"], "dtype": e["dtype"],
                          "bytes_before": b, "bytes_after": b, "rel_error": None, "note": ""})
-        elif t in ("qarray", "pqarray", "castarray"):
-            meta = n.get("meta", {})
+        elif isinstance(n.get("meta"), dict) and isinstance(n.get("arrays"), dict):
+            meta = n["meta"]  # a quantised leaf of a registered kind (checked by info())
             b = sum(nbytes(r) for r in n["arrays"].values())
             rows.append({"path": path, "spec": t, "shape": meta.get("shape", []),
                          "dtype": meta.get("dtype", "?"), "bytes_before": None,
@@ -616,6 +593,11 @@ def _rows_from_tree(info: dict) -> list[dict]:
 
     walk(info["tree"], "")
     return rows
+
+
+def _bits_per_value(bytes_after: int, shape) -> float:
+    """Stored bits per value: fixed-rate codes plus scales, codebooks and outliers."""
+    return 8.0 * bytes_after / max(math.prod(shape), 1)
 
 
 def _totals(rows: list[dict]) -> dict:
@@ -630,26 +612,28 @@ def _totals(rows: list[dict]) -> dict:
 
 def cmd_info(args) -> int:
     """``distq info``: see ``distq info --help``."""
-    import distq
-
     _check_input(args.ckpt)
     kind = _sniff(args.ckpt)
+    if kind == "other":
+        raise CliError(f"{args.ckpt}: not a distq checkpoint or safetensors file")
+    checkpoint = _checkpoint_module()
+
     try:
         if kind == "distq":
-            info = distq.checkpoint.info(args.ckpt)
+            info = checkpoint.info(args.ckpt)
             rows = info["leaves"] or _rows_from_tree(info)
             fmt, user, size = "distq", info["user"], info["file_bytes"]
-        elif kind == "safetensors":
-            arrays = distq.checkpoint.read_safetensors(args.ckpt)
+        else:
+            arrays = checkpoint.read_safetensors(args.ckpt)
             rows = [{"path": k, "spec": "none", "shape": list(a.shape), "dtype": str(a.dtype),
                      "bytes_before": a.nbytes, "bytes_after": a.nbytes, "rel_error": None,
                      "note": ""} for k, a in arrays.items()]
             fmt, user, size = "safetensors (plain, not a distq checkpoint)", {}, \
                 os.path.getsize(args.ckpt)
-        else:
-            raise CliError(f"{args.ckpt}: not a distq checkpoint or safetensors file")
-    except distq.checkpoint.CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         raise CliError(_one_line(e)) from None
+    rows = [{**r, "bits_per_value": _bits_per_value(r["bytes_after"], r["shape"])}
+            for r in rows]
     totals = _totals(rows)
     if args.json:
         print(json.dumps({"file": args.ckpt, "format": fmt, "file_bytes": size,
@@ -658,10 +642,9 @@ def cmd_info(args) -> int:
     table = [("name", "spec", "shape", "dtype", "bytes", "-> bytes", "bits/val", "rel err",
               "note")]
     for r in rows:
-        size_r = max(math.prod(r["shape"]), 1)
         table.append((r["path"], r["spec"], _shape_str(r["shape"]), r["dtype"],
                       "?" if r["bytes_before"] is None else _fmt_bytes(r["bytes_before"]),
-                      _fmt_bytes(r["bytes_after"]), f"{8 * r['bytes_after'] / size_r:.2f}",
+                      _fmt_bytes(r["bytes_after"]), f"{r['bits_per_value']:.2f}",
                       "-" if r["rel_error"] is None else f"{r['rel_error']:.2e}", r["note"]))
     table.append(("total", "", "", "", _fmt_bytes(totals["bytes_before"]),
                   _fmt_bytes(totals["bytes_after"]), "", "", f"{totals['ratio']:.2f}x smaller"))
@@ -674,38 +657,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------- simulate, demo
-def _experiments_dir() -> str:
-    """The source checkout's ``experiments`` folder (absent from an installed wheel)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "experiments")
-
-
-def cmd_simulate(args) -> int:
-    """``distq simulate``: runs ``experiments/simulations.py`` of the source checkout."""
-    path = os.path.join(_experiments_dir(), "simulations.py")
-    if not os.path.isfile(path):
-        raise CliError(f"the simulations script is not available ({path} does not exist): it "
-                       "ships with the distq source repository, not the installed package; run "
-                       "'distq simulate' from an editable install of a checkout")
-    missing = [m for m in ("matplotlib", "scipy") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise CliError(f"distq simulate needs {', '.join(missing)}: "
-                       "pip install 'distq[experiments]'")
-    argv = (["--quick"] if args.quick else []) + (["--no-library"] if args.no_library else [])
-    argv += (["--out", args.out] if args.out else []) + (["--replot"] if args.replot else [])
-    if args.replot:
-        out = args.out or os.path.join(_experiments_dir(), "figures")
-        if not os.path.isfile(os.path.join(out, "simulations.json")):
-            raise CliError(f"--replot needs {os.path.join(out, 'simulations.json')} from an "
-                           "earlier run")
-    spec = importlib.util.spec_from_file_location("simulations", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["simulations"] = mod  # its dataclasses and process pool look it up by name
-    spec.loader.exec_module(mod)
-    return int(mod.main(argv) or 0)
-
-
+# ----------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     """``distq demo``: runs :func:`distq.demo.main`."""
     del args
@@ -717,33 +669,37 @@ def cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------------- parser
 _SPEC_HELP = """\
-rules (REGEX=SPEC, first re.fullmatch on the leaf's name wins; unmatched leaves are kept):
+rules (REGEX=SPEC, first re.fullmatch on the leaf's name wins; unmatched leaves are kept; a rule
+that matches no leaf is an error unless --allow-unused):
   SPEC  none | keep              keep the leaf
-        scalar[:BITS]            distributional scalar quantiser (distq.Scalar, default 4 bits)
+        scalar[:BITS]            distributional scalar quantiser (distq.Scalar, default 4 bits;
+                                 axis, scales and outliers chosen per leaf unless given)
         int[:BITS]               uniform integers (distq.Uniform, default 8 bits)
         nf4                      NormalFloat-4 in blocks of 64 (distq.NF4)
         pq:M[:BITS]              product quantisation, M sub-spaces (distq.PQ; matrices only)
         cast[:DTYPE]             store as bfloat16 | float16 | float32 (distq.Cast)
-  options ',key=value' (the spec's field names or short forms), e.g.
+  options ',key=value' (the spec's field names or short forms; see distq.parse_spec), e.g.
         scalar:4,group=64   scalar:4,axis=1   int:4,group=64,symmetric=false
         pq:16:8,opq=true    scalar:3,dist=gaussian,robust   cast:bf16
-  short forms: group=group_size, gaxis=group_axis, sym=symmetric, scale=scale_dtype,
-        obj=objective, iter=max_iter, codebook=codebook_dtype
 
 names: safetensors files (Hugging Face) use the dotted tensor names
   ('encoder.layer.0.attention.self.query.weight'); msgpack Flax trees and distq checkpoints use
   '/'-joined paths ('params/Dense_0/kernel'). Leaves that are not floating point (e.g.
-  position_ids) are always kept. Use --dry-run to see each leaf's rule.
+  position_ids) are always kept. Every leaf is checked against its spec before any work;
+  --dry-run shows each leaf's rule, resolved spec and bytes.
+
+bits/val in the reports is the stored bits per value: fixed-rate codes plus scales, codebooks
+and outliers.
 
 example:
   distq quantize model.safetensors model.distq \\
-      --rule '.*word_embeddings.*=pq:32:8' --rule '.*\\.weight=scalar:4,axis=0' \\
-      --rule '.*=none'
+      --rule '.*word_embeddings.*=pq:32:8' --rule '.*LayerNorm.*=none' \\
+      --rule '.*\\.weight=scalar:4'
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``distq`` argument parser (subcommands quantize, info, simulate, demo)."""
+    """The ``distq`` argument parser (subcommands quantize, info, demo)."""
     from . import __version__
 
     p = _Parser(prog=PROG, description="Quantise checkpoints with distq and inspect them.")
@@ -761,33 +717,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-r", "--rule", action="append", required=True, metavar="REGEX=SPEC",
                    help="a rule (repeatable; tried in order)")
     q.add_argument("-n", "--dry-run", action="store_true",
-                   help="show which rule and spec each leaf would get; write nothing")
+                   help="show the plan (each leaf's rule, resolved spec and bytes); write "
+                        "nothing")
+    q.add_argument("--allow-unused", action="store_true",
+                   help="a rule that matches no leaf is a warning, not an error")
     q.add_argument("-f", "--force", action="store_true", help="overwrite an existing OUT")
     q.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="a stderr line per leaf (default: when stderr is a terminal)")
-    q.add_argument("--seed", type=int, default=0, help="random seed for PQ's k-means "
-                   "(default 0)")
+                   help="show progress on stderr: a bar with the time left on a terminal, a "
+                        "line per leaf otherwise (default: when stderr is a terminal)")
+    q.add_argument("--seed", type=_seed, default=0, metavar="N",
+                   help=f"random seed for PQ's k-means, 0..{SEED_MAX} (default 0)")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("info", help="per-leaf table of a distq checkpoint",
-                       description="Show a checkpoint's leaves (name, spec, shape, bytes, "
-                                   "error) and totals. Plain safetensors files are listed too.")
+                       description="Show a checkpoint's leaves (name, spec, shape, bytes, stored "
+                                   "bits per value, error) and totals. Plain safetensors files "
+                                   "are listed too.")
     i.add_argument("ckpt", metavar="CKPT", help="a distq checkpoint")
     i.add_argument("--json", action="store_true", help="machine-readable JSON output")
     i.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("simulate", help="run the error-versus-bits simulations "
-                                        "(experiments/simulations.py; source checkout only)",
-                       description="Run experiments/simulations.py (writes figures, "
-                                   "simulations.json and summary.md).")
-    s.add_argument("--quick", action="store_true", help="small samples (about a minute)")
-    s.add_argument("--no-library", action="store_true",
-                   help="skip the JAX library runs (distq.Scalar/Uniform/compat, distquant)")
-    s.add_argument("--out", metavar="DIR", help="output folder (default experiments/figures)")
-    s.add_argument("--replot", action="store_true",
-                   help="only redraw the figures and tables from DIR/simulations.json")
-    s.set_defaults(func=cmd_simulate)
 
     d = sub.add_parser("demo", help="what distq does, on built-in data, in a few seconds",
                        description="Run the demo (python -m distq.demo).")
@@ -812,8 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help / --version
             return int(e.code or 0) if not isinstance(e.code, str) else 2
         if args.command is None:
-            raise UsageError("a command is required (quantize, info, simulate, demo); "
-                             f"see '{PROG} --help'")
+            raise UsageError(f"a command is required (quantize, info, demo); see '{PROG} --help'")
         return int(args.func(args) or 0)
     except CliError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
@@ -823,12 +771,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `distq info x | head`
         try:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silences the exit-time flush)
         except OSError:  # pragma: no cover
             pass
         return 1
     except OSError as e:  # an unreadable file, a full disk...
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 (a bug: still one line, unless asked for more)
+        if os.environ.get("DISTQ_TRACEBACK"):
+            raise
+        print(f"{PROG}: error: unexpected {type(e).__name__}: {_one_line(e)} (set "
+              "DISTQ_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 1
 
 

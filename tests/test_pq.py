@@ -144,7 +144,7 @@ def test_pqarray_every_width(bits):
     codes = rng.integers(0, k, (n, m))
     cb = rng.standard_normal((m, k, ds)).astype(np.float32)
     q = P.PQArray(codes=bitpack.pack(codes.reshape(-1).astype(np.uint32), bits),
-                  codebooks=jnp.asarray(cb), rotation=None, shape=(n, m * ds), dtype="float32",
+                  codebooks=jnp.asarray(cb), rotation=None, value_shape=(n, m * ds), dtype="float32",
                   m=m, bits=bits)
     q.validate()
     dense = np_decode(codes, cb)

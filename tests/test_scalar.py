@@ -137,7 +137,7 @@ def _reference_errors(x, n, objective):
 def _levels_in_data_units(q):
     assert q.scale.shape == (1,)
     loc = 0.0 if q.loc is None else float(_np(q.loc)[0])
-    return loc + float(_np(q.scale)[0]) * _np(q.codebook).astype(np.float64)
+    return loc + float(_np(q.scale)[0]) * _np(q.levels()).astype(np.float64)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, pytest.param(8, marks=pytest.mark.slow)])
@@ -479,7 +479,8 @@ def test_per_channel_beats_per_tensor():
 
 def _nbytes_formula(q, groups):
     words = math.ceil(q.size * q.bits / 32)
-    return 4 * words + 4 * q.n + 4 * groups + (4 * groups if q.loc is not None else 0)
+    levels = 0 if q.codebook is None else 4 * q.n  # integer grids store no level table
+    return 4 * words + levels + 4 * groups + (4 * groups if q.loc is not None else 0)
 
 
 @pytest.mark.parametrize(
@@ -504,7 +505,8 @@ def test_layouts_shape_and_nbytes(spec, groups):
     q = distq.quantize(x, spec)
     _, y = _assert_valid(q, x)
     assert q.scale.shape == (groups,)
-    assert q.codebook.shape == (q.n,)
+    assert q.levels().shape == (q.n,)
+    assert (q.codebook is None) == isinstance(spec, distq.Uniform)
     if q.loc is not None:
         assert q.loc.shape == (groups,)
     assert q.nbytes == _nbytes_formula(q, groups)
@@ -819,7 +821,7 @@ def test_hypothesis_decodes_to_nearest_level(shape, spec, data):
     x = np.asarray(vals, np.float32).reshape(shape)
     q = distq.quantize(x, spec)
     c, y = _assert_valid(q, x)
-    cb = _np(q.codebook).astype(np.float32)
+    cb = _np(q.levels()).astype(np.float32)
     scale = _np(q.scale).astype(np.float32)
     loc = np.zeros_like(scale) if q.loc is None else _np(q.loc).astype(np.float32)
     xr, yr = _rows(x, spec), _rows(y, spec)

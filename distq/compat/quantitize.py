@@ -45,7 +45,7 @@ from ..core import bitpack
 from ..core import pq as P
 
 _FORMAT = "distq.Quantitized"
-_VERSION = 1
+FILE_VERSION = 1
 # quantitizer's kmeans2 ``minit`` names and distq's seeding names
 _MINIT = {None: "greedy", "greedy": "greedy", "kmeans++": "kmeans++", "++": "kmeans++",
           "points": "random", "random": "random"}
@@ -83,7 +83,7 @@ def read_npz(path: str | os.PathLike, fmt: str) -> tuple[dict[str, np.ndarray], 
         raise ValueError(f"{os.fspath(path)!r} has no valid metadata: {e!r}") from None
     if meta.get("format") != fmt:
         raise ValueError(f"{os.fspath(path)!r} is not a {fmt} file (format={meta.get('format')!r})")
-    if meta.get("version") != _VERSION:
+    if meta.get("version") != FILE_VERSION:
         raise ValueError(f"{os.fspath(path)!r}: unsupported {fmt} version {meta.get('version')!r}")
     for name, dt in meta.pop("_dtypes", {}).items():
         if dt == "bfloat16":
@@ -91,20 +91,20 @@ def read_npz(path: str | os.PathLike, fmt: str) -> tuple[dict[str, np.ndarray], 
     return arrays, meta
 
 
-def _pq_arrays(prefix: str, q: P.PQArray) -> dict[str, np.ndarray]:
+def pq_arrays(prefix: str, q: P.PQArray) -> dict[str, np.ndarray]:
     out = {f"{prefix}codes": np.asarray(q.codes), f"{prefix}codebooks": np.asarray(q.codebooks)}
     if q.rotation is not None:
         out[f"{prefix}rotation"] = np.asarray(q.rotation)
     return out
 
 
-def _pq_from(prefix: str, arrays: dict[str, np.ndarray], metadata: dict) -> P.PQArray:
+def pq_from_arrays(prefix: str, arrays: dict[str, np.ndarray], metadata: dict) -> P.PQArray:
     part = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     return P.PQArray.from_arrays(part, metadata)
 
 
 # ------------------------------------------------------------------------------ the result
-def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < lo or (hi is not None and value > hi):
@@ -119,7 +119,7 @@ def _take(arr: P.PQArray, rows: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _dequantize(arr: P.PQArray) -> jax.Array:
+def dequantize_pq(arr: P.PQArray) -> jax.Array:
     return arr.dequantize()
 
 
@@ -214,7 +214,7 @@ class Quantitized:
 
     def decode(self, dtype: Any = None) -> np.ndarray:
         """The whole ``(N, D)`` decoded matrix (input dtype, or ``dtype``)."""
-        out = np.asarray(_dequantize(self.array))
+        out = np.asarray(dequantize_pq(self.array))
         return out if dtype is None else out.astype(dtype)
 
     def unpack(self) -> np.ndarray:
@@ -321,10 +321,10 @@ class Quantitized:
         Everything is stored bit-exactly: the packed code words, codebooks, rotation and the
         quantiser's training statistics.
         """
-        arrays = _pq_arrays("", self.array)
+        arrays = pq_arrays("", self.array)
         arrays["inertia"] = np.asarray(self.quantizer.inertia)
         arrays["iters"] = np.asarray(self.quantizer.iters)
-        meta = {"format": _FORMAT, "version": _VERSION, "array": self.array.metadata(),
+        meta = {"format": _FORMAT, "version": FILE_VERSION, "array": self.array.metadata(),
                 "block": self.quantizer.block}
         atomic_savez(path, arrays, meta)
 
@@ -334,7 +334,7 @@ class Quantitized:
         arrays, meta = read_npz(path, _FORMAT)
         try:
             inertia, iters = arrays.pop("inertia"), arrays.pop("iters")
-            arr = _pq_from("", arrays, meta["array"])
+            arr = pq_from_arrays("", arrays, meta["array"])
             quant = P.ProductQuantizer(
                 codebooks=arr.codebooks, rotation=arr.rotation, inertia=jnp.asarray(inertia),
                 iters=jnp.asarray(iters), dim=arr.shape[1], bits=arr.bits,
@@ -406,10 +406,10 @@ def quantitize(matrix: Any, sub_size: int = 8, n_cluster: int = 256, n_iter: int
     """
     matrix = _as_float_matrix(matrix, "matrix")
     n, dim = (int(s) for s in matrix.shape)
-    sub_size = _check_int(sub_size, "sub_size", 1)
+    sub_size = check_int(sub_size, "sub_size", 1)
     if dim % sub_size:
         raise ValueError(f"sub_size={sub_size} sub-spaces must divide the row length D={dim}")
-    n_cluster = _check_int(n_cluster, "n_cluster", 2, 1 << 16)
+    n_cluster = check_int(n_cluster, "n_cluster", 2, 1 << 16)
     if n_cluster & (n_cluster - 1):
         lo = 1 << (n_cluster.bit_length() - 1)
         raise ValueError(f"n_cluster must be a power of two (codes are bit-packed), got "
@@ -417,19 +417,19 @@ def quantitize(matrix: Any, sub_size: int = 8, n_cluster: int = 256, n_iter: int
     if bits is None:
         bits = n_cluster.bit_length() - 1
     else:
-        bits = _check_int(bits, "bits", 1, 16)
+        bits = check_int(bits, "bits", 1, 16)
         if n_cluster != 256 and n_cluster != 1 << bits:
             raise ValueError(f"bits={bits} and n_cluster={n_cluster} disagree "
                              f"(n_cluster must be 2**bits)")
     if n < 1 << bits:
         raise ValueError(f"n_cluster={1 << bits} centroids need at least that many rows, "
                          f"got {n}; use a smaller n_cluster")
-    n_iter = _check_int(n_iter, "n_iter", 0)
+    n_iter = check_int(n_iter, "n_iter", 0)
     if minit not in _MINIT:
         raise ValueError(f"minit={minit!r} is not allowed; choose one of "
                          f"{sorted(k for k in _MINIT if k)} or None")
     if key is None:
-        key = jax.random.key(_check_int(seed, "seed", 0))
+        key = jax.random.key(check_int(seed, "seed", 0))
     spec = P.PQ(m=sub_size, bits=bits, opq=opq, iters=n_iter, init=_MINIT[minit],
                 codebook_dtype=codebook_dtype, **pq_options)
     quant = P.fit(key, matrix, spec)
@@ -532,7 +532,7 @@ def compression_report(original: Any, compressed: Any, vocab: Any = None, *,
         raise ValueError(f"original must be a matrix (N, D), got shape {x.shape}")
     if tuple(compressed.shape) != x.shape:
         raise ValueError(f"compressed has shape {tuple(compressed.shape)}, original {x.shape}")
-    block = _check_int(block, "block", 1)
+    block = check_int(block, "block", 1)
     n, dim = x.shape
     cos_sum = err = 0.0
     mean = x.mean(0, dtype=np.float64)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from . import _checks
-from .qarray import arrays_nbytes
+from .leaf import arrays_nbytes
 from .spec import register
 
 _CAST_DTYPES = ("bfloat16", "float16", "float32")

@@ -30,7 +30,7 @@ The pipeline of :func:`fit`:
 
 Assignments keep the points as rows (``x @ c.T``): the search is a reduction over the minor
 (centroid) axis. For ``k <= 256`` the Lloyd loop searches with one reduction over keys that
-carry their own index (see :func:`_nearest_rows`), about 2.3x faster than the exact two-pass
+carry their own index (see :func:`nearest_rows`), about 2.3x faster than the exact two-pass
 search that :func:`assign` uses by default. Seeding is one ``vmap``-batched loop
 over all problems (its ``k`` sequential steps are small); the Lloyd iterations run problem by
 problem (``lax.map``), as XLA:CPU runs one 2-D matrix product per problem several times faster
@@ -182,7 +182,7 @@ KEYED_MAX_K = 256  # up to this many centroids, the keyed one-reduction search i
 _TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
-def _nearest_rows(xb: jax.Array, ct: jax.Array, half: jax.Array, xxh: jax.Array,
+def nearest_rows(xb: jax.Array, ct: jax.Array, half: jax.Array, xxh: jax.Array,
                   exact: bool) -> tuple[jax.Array, jax.Array]:
     """Nearest centroid of every row of ``xb`` (n, d); returns (index, squared distance).
 
@@ -220,7 +220,7 @@ def _nearest_rows(xb: jax.Array, ct: jax.Array, half: jax.Array, xxh: jax.Array,
     return idx.astype(jnp.int32), jnp.maximum(2.0 * best, 0.0)
 
 
-def _blocked(n: int, block: int, fn, out_init):
+def blocked(n: int, block: int, fn, out_init):
     """Runs ``fn(start)`` over row blocks ``[start, start + block)`` covering ``range(n)``.
 
     Blocks are cut with ``dynamic_slice`` inside the loop (no padded or reshaped copy of the
@@ -254,14 +254,14 @@ def _assign(x: jax.Array, c: jax.Array, block: int, exact: bool = True,
     if xxh is None:
         xxh = 0.5 * jnp.sum(x * x, axis=1)
     if n <= block:
-        return _nearest_rows(x, ct, half, xxh, exact)
+        return nearest_rows(x, ct, half, xxh, exact)
 
     def fn(start):
-        return _nearest_rows(lax.dynamic_slice_in_dim(x, start, block),
+        return nearest_rows(lax.dynamic_slice_in_dim(x, start, block),
                              ct, half, lax.dynamic_slice_in_dim(xxh, start, block), exact)
 
     init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
-    return _blocked(n, block, fn, (init, (0, 0)))
+    return blocked(n, block, fn, (init, (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("block", "exact"))
@@ -620,7 +620,7 @@ def lloyd(x: jax.Array, centroids: jax.Array, iters: int = 25, tol: float = 1e-4
 
 
 # -------------------------------------------------------------------------------------- fit
-def _subsample(key: jax.Array, x: jax.Array, size: int) -> jax.Array:
+def subsample(key: jax.Array, x: jax.Array, size: int) -> jax.Array:
     """``size`` distinct random rows of ``x`` (..., N, d), the same rows for every problem."""
     n = x.shape[-2]
     if size >= n:
@@ -633,8 +633,8 @@ def fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
     """x (B, N, d) float32 -> batched result."""
     b, n, _ = x.shape
     k_sample, k_seed, k_runs = jax.random.split(key, 3)
-    x = _subsample(k_sample, x, cfg.sample_size(n))
-    xs = _subsample(k_seed, x, cfg.seed_size(x.shape[1]))
+    x = subsample(k_sample, x, cfg.sample_size(n))
+    xs = subsample(k_seed, x, cfg.seed_size(x.shape[1]))
 
     stride = cfg.coarse_stride(x.shape[1])
     coarse = min(cfg.coarse_iters, cfg.iters) if stride > 1 else 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -39,7 +40,7 @@ from . import _numerics as nx
 from . import kmeans as km
 from typing import ClassVar
 
-from .qarray import arrays_nbytes
+from .leaf import arrays_nbytes, leaf_from_state
 from .spec import register
 
 _CODEBOOK_DTYPES = ("float32", "float16", "bfloat16")
@@ -147,6 +148,17 @@ class PQ:
                     f"(bits={self.bits}); use bits <= {max(n.bit_length() - 1, 1)}")
         return None
 
+    def advice(self, shape: tuple[int, ...]) -> str | None:
+        """A note when the codebooks outweigh the codes (a matrix with few rows for ``bits``)."""
+        n, dim = shape
+        codes = bitpack.packed_nbytes(n * self.m, self.bits)
+        books = self.nbytes(shape) - codes
+        if books <= codes:
+            return None
+        return (f"codebooks ({books:,} B) outweigh the codes ({codes:,} B): "
+                f"{8 * self.nbytes(shape) / (n * dim):.2f} bits/value; fewer bits per code "
+                f"(e.g. pq:{self.m}:{max(self.bits - 2, 1)}) suit {n} rows better")
+
     def nbytes(self, shape: tuple[int, ...]) -> int:
         """Stored bytes of the PQArray of a ``shape`` matrix: packed codes, codebooks, rotation."""
         n, dim = shape
@@ -170,14 +182,14 @@ def _nearest_block(xb: jax.Array, cbt: jax.Array, half: jax.Array) -> jax.Array:
     """Codes ``(rows, m)`` of a block of rows ``(rows, m, ds)``; one sub-space at a time.
 
     ``cbt`` holds the transposed codebooks ``(m, ds, K)``. The search is k-means' keyed
-    one-reduction search (:func:`distq.kmeans._nearest_rows`) for ``K <= 256``: distances are
+    one-reduction search (:func:`distq.kmeans.nearest_rows`) for ``K <= 256``: distances are
     compared to ``2^-15`` of their value, so a centroid that ties the nearest one to that
     precision may be chosen instead (measured: 99.997 % of codes identical to an exact search,
     the others equally near to float32 rounding); exact above 256 centroids.
     """
     xs = jnp.transpose(xb, (1, 0, 2))  # (m, rows, ds)
     xxh = 0.5 * jnp.sum(xs * xs, axis=-1)
-    idx = lax.map(lambda a: km._nearest_rows(*a, exact=False)[0], (xs, cbt, half, xxh))
+    idx = lax.map(lambda a: km.nearest_rows(*a, exact=False)[0], (xs, cbt, half, xxh))
     return idx.T
 
 
@@ -200,7 +212,7 @@ def _encode_codes(x: jax.Array, codebooks: jax.Array, rotation: jax.Array | None
         xb = lax.dynamic_slice_in_dim(x, start, block, axis=0).reshape(block, m, ds)
         return (_nearest_block(xb, cbt, half),)
 
-    (codes,) = km._blocked(n, block, fn, ((jnp.zeros((n, m), jnp.int32),), (0,)))
+    (codes,) = km.blocked(n, block, fn, ((jnp.zeros((n, m), jnp.int32),), (0,)))
     return codes
 
 
@@ -237,7 +249,7 @@ def decode_codes(codes: jax.Array, codebooks: jax.Array, rotation: jax.Array | N
     return rows
 
 
-def _tables(codebooks: jax.Array, rotation: jax.Array | None, v: jax.Array) -> jax.Array:
+def tables(codebooks: jax.Array, rotation: jax.Array | None, v: jax.Array) -> jax.Array:
     """Inner-product tables ``T[s, c, j] = C_s[c] . (R^T v)_s[:, j]`` for ``v`` of shape (D, k)."""
     m, kk, ds = codebooks.shape
     v = v.astype(jnp.float32)
@@ -247,7 +259,7 @@ def _tables(codebooks: jax.Array, rotation: jax.Array | None, v: jax.Array) -> j
     return jnp.einsum("scd,sdj->scj", codebooks.astype(jnp.float32), vs)
 
 
-def _gather_sum(tables: jax.Array, codes: jax.Array) -> jax.Array:
+def gather_sum(tables: jax.Array, codes: jax.Array) -> jax.Array:
     """``out[i, j] = sum_s tables[s, codes[i, s], j]``: (n, k)."""
     m = tables.shape[0]
     out = tables[0][codes[:, 0]]
@@ -272,7 +284,8 @@ class PQArray:
       codebooks: ``(m, K, D / m)`` centroids (in the rotated space when ``rotation`` is set).
       rotation: ``(D, D)`` orthogonal matrix of OPQ (rows were encoded as ``x @ rotation``), or
         ``None``.
-      shape, dtype: of the original matrix; ``m``, ``bits``: sub-spaces and bits per code.
+      value_shape, dtype: of the original matrix (``shape`` adds the batch axes of a PQArray
+        made under ``vmap``); ``m``, ``bits``: sub-spaces and bits per code.
 
     Examples:
       >>> import jax, distq
@@ -291,7 +304,7 @@ class PQArray:
     codes: jax.Array
     codebooks: jax.Array
     rotation: jax.Array | None
-    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    value_shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     dtype: str = dataclasses.field(metadata=dict(static=True))
     m: int = dataclasses.field(metadata=dict(static=True))
     bits: int = dataclasses.field(metadata=dict(static=True))
@@ -301,12 +314,21 @@ class PQArray:
 
     # ------------------------------------------------------------------ array-like
     @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading axes added by ``vmap`` (``()`` for one matrix)."""
+        return tuple(self.codes.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.batch_shape + tuple(self.value_shape)
+
+    @property
     def ndim(self) -> int:
-        return 2
+        return len(self.shape)
 
     @property
     def size(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -324,7 +346,7 @@ class PQArray:
 
     def codes_unpacked(self) -> jax.Array:
         """All codes as an ``(N, m)`` int32 array."""
-        n = self.shape[0]
+        n = self.value_shape[0]
         c = bitpack.unpack(self.codes, self.bits, n * self.m)
         return c.reshape(n, self.m).astype(jnp.int32)
 
@@ -336,6 +358,11 @@ class PQArray:
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The ``(N, D)`` decoded matrix, in the original dtype (or ``dtype``)."""
+        if self.batch_shape:
+            fn = lambda q: q.dequantize(dtype)  # noqa: E731
+            for _ in self.batch_shape:
+                fn = jax.vmap(fn)
+            return fn(self)
         rows = decode_codes(self.codes_unpacked(), self.codebooks, self.rotation)
         return rows.astype(dtype or self.dtype)
 
@@ -344,17 +371,20 @@ class PQArray:
         rows = jnp.asarray(rows)
         if not jnp.issubdtype(rows.dtype, jnp.integer):
             raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
-        n = self.shape[0]
+        n = self.value_shape[0]
         rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
         dec = decode_codes(self.row_codes(rows.reshape(-1)), self.codebooks, self.rotation)
-        return dec.reshape(rows.shape + (self.shape[1],)).astype(dtype or self.dtype)
+        return dec.reshape(rows.shape + (self.value_shape[1],)).astype(dtype or self.dtype)
 
-    def __getitem__(self, idx) -> jax.Array:
-        """Decoded rows: ``q[i]`` (D,), ``q[array]`` (n, D), ``q[a:b]``, ``q[rows, cols]``."""
+    def __getitem__(self, idx) -> Any:
+        """Decoded rows: ``q[i]`` (D,), ``q[array]`` (n, D), ``q[a:b]``, ``q[rows, cols]``;
+        for a PQArray made under ``vmap``, ``q[i]`` is batch member ``i`` (a PQArray)."""
+        if self.batch_shape:
+            return jax.tree_util.tree_map(lambda a: a[idx], self)
         rest = ()
         if isinstance(idx, tuple):
             idx, rest = idx[0], idx[1:]
-        n = self.shape[0]
+        n = self.value_shape[0]
         if isinstance(idx, slice):
             rows = jnp.arange(*idx.indices(n), dtype=jnp.int32)
         elif idx is Ellipsis:
@@ -370,7 +400,7 @@ class PQArray:
             rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
         flat = rows.reshape(-1)
         dec = decode_codes(self.row_codes(flat), self.codebooks, self.rotation)
-        out = dec.reshape(rows.shape + (self.shape[1],)).astype(self.dtype)
+        out = dec.reshape(rows.shape + (self.value_shape[1],)).astype(self.dtype)
         return out[(Ellipsis,) + rest] if rest else out
 
     # ------------------------------------------------------------------ products
@@ -380,20 +410,20 @@ class PQArray:
     def __matmul__(self, v: Any) -> jax.Array:
         """``X @ v`` for ``v`` of shape (D,) or (D, k), through per-sub-space tables."""
         v = jnp.asarray(v)
-        if v.ndim not in (1, 2) or v.shape[0] != self.shape[1]:
-            raise ValueError(f"cannot multiply a {self.shape} PQArray by shape {v.shape}")
+        if v.ndim not in (1, 2) or v.shape[0] != self.value_shape[1]:
+            raise ValueError(f"cannot multiply a {self.value_shape} PQArray by shape {v.shape}")
         vec = v.ndim == 1
         v2 = v[:, None] if vec else v
-        out = _gather_sum(_tables(self.codebooks, self.rotation, v2), self.codes_unpacked())
+        out = gather_sum(tables(self.codebooks, self.rotation, v2), self.codes_unpacked())
         out = out[:, 0] if vec else out
         return out.astype(self._out_dtype(v))
 
     def __rmatmul__(self, v: Any) -> jax.Array:
         """``v @ X`` for ``v`` of shape (N,) or (k, N): per-code sums of ``v``, then codebooks."""
         v = jnp.asarray(v)
-        n, dim = self.shape
+        n, dim = self.value_shape
         if v.ndim not in (1, 2) or v.shape[-1] != n:
-            raise ValueError(f"cannot multiply shape {v.shape} by a {self.shape} PQArray")
+            raise ValueError(f"cannot multiply shape {v.shape} by a {self.value_shape} PQArray")
         vec = v.ndim == 1
         v2 = (v[None, :] if vec else v).astype(jnp.float32).T  # (N, k)
         codes = self.codes_unpacked()
@@ -420,7 +450,7 @@ class PQArray:
     # ------------------------------------------------------------------ serialisation
     def metadata(self) -> dict:
         """JSON-able static metadata."""
-        return {"shape": list(self.shape), "dtype": self.dtype, "m": self.m, "bits": self.bits,
+        return {"shape": list(self.value_shape), "dtype": self.dtype, "m": self.m, "bits": self.bits,
                 "method": "pq"}
 
     @classmethod
@@ -432,7 +462,7 @@ class PQArray:
                 codes=jnp.asarray(arrays["codes"]),
                 codebooks=jnp.asarray(arrays["codebooks"]),
                 rotation=None if rot is None else jnp.asarray(rot),
-                shape=tuple(int(s) for s in metadata["shape"]),
+                value_shape=tuple(int(s) for s in metadata["shape"]),
                 dtype=str(metadata["dtype"]),
                 m=int(metadata["m"]),
                 bits=int(metadata["bits"]),
@@ -444,10 +474,10 @@ class PQArray:
 
     def validate(self) -> None:
         """Checks that the arrays agree with the metadata (raises ``ValueError``)."""
-        n, dim = self.shape
+        n, dim = self.value_shape
         words = bitpack.packed_nbytes(n * self.m, self.bits) // 4
         if self.codes.dtype != jnp.uint32 or self.codes.shape != (words,):
-            raise ValueError(f"PQArray.codes must be {words} uint32 words for {self.shape}, "
+            raise ValueError(f"PQArray.codes must be {words} uint32 words for {self.value_shape}, "
                              f"m={self.m}, bits={self.bits}")
         want = (self.m, 1 << self.bits, dim // self.m)
         if dim % self.m or tuple(self.codebooks.shape) != want:
@@ -467,7 +497,7 @@ class PQArrayT:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.base.shape[1], self.base.shape[0])
+        return (self.base.value_shape[1], self.base.value_shape[0])
 
     @property
     def dtype(self) -> str:
@@ -505,8 +535,6 @@ register(PQ, PQArray)
 
 def from_state_dict(state: dict) -> PQArray:
     """Rebuilds a PQArray from ``flax.serialization.to_state_dict(q)`` without a target."""
-    from .spec import leaf_from_state  # noqa: PLC0415
-
     return leaf_from_state(PQArray, state)
 
 
@@ -549,7 +577,7 @@ class ProductQuantizer:
         if _checks.is_concrete(finite) and not bool(finite):
             raise ValueError("x contains NaN/inf values; quantisation needs finite input")
         return PQArray(codes=words, codebooks=self.codebooks, rotation=self.rotation,
-                       shape=tuple(x.shape), dtype=str(x.dtype), m=self.m, bits=self.bits)
+                       value_shape=tuple(x.shape), dtype=str(x.dtype), m=self.m, bits=self.bits)
 
     def decode(self, q: PQArray, dtype: Any = None) -> jax.Array:
         """Decodes a :class:`PQArray` (same as ``q.dequantize()``)."""
@@ -628,7 +656,7 @@ def _sample(key: jax.Array, x: jax.Array, spec: PQ):
     A computation of its own: inside the k-means computation XLA:CPU turns the sub-space
     transpose into a layout change of every later read, which made the whole fit 20 % slower.
     """
-    xs = km._subsample(key, x.astype(jnp.float32), spec.kmeans().sample_size(x.shape[0]))
+    xs = km.subsample(key, x.astype(jnp.float32), spec.kmeans().sample_size(x.shape[0]))
     return xs, _split(xs, spec.m)
 
 

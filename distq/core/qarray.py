@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import bitpack
+from .leaf import arrays_nbytes, leaf_from_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +88,6 @@ class Layout:
         perm = self.perm(len(shape))
         permuted = rows.reshape(tuple(shape[a] for a in perm))
         return jnp.transpose(permuted, np.argsort(perm))
-
-
-def arrays_nbytes(*arrays) -> int:
-    """Bytes stored by the given arrays (``None`` ones count 0)."""
-    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays
-               if a is not None)
 
 
 @jax.tree_util.register_dataclass
@@ -435,6 +430,4 @@ QARRAY_FIELDS = QArray.array_fields
 
 def from_state_dict(state: dict) -> QArray:
     """Rebuilds a QArray from ``flax.serialization.to_state_dict(q)`` without a target."""
-    from .spec import leaf_from_state  # noqa: PLC0415
-
     return leaf_from_state(QArray, state)

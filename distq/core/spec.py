@@ -19,7 +19,9 @@ the first axis, decoding only those), ``metadata()`` (JSON-able static data) and
 ``from_arrays(arrays, metadata)`` (validated rebuild, for checkpoints).
 
 :func:`register` adds a spec class and its leaf class; nothing else in distq lists the types.
-The text grammar (``KIND[:POS[:POS]][,key=value...]``) is :func:`parse_spec` / :func:`spec_str`.
+The text grammar (``KIND[:POS[:POS]][,key=value...]``) is :func:`parse_spec` / :func:`spec_str`;
+the leaf protocol is :class:`distq.core.leaf.Leaf`, and the entry points :func:`distq.quantize` /
+:func:`distq.dequantize` are in :mod:`distq.core.api`.
 """
 
 from __future__ import annotations
@@ -49,23 +51,6 @@ class Spec(Protocol):
     def nbytes(self, shape: tuple[int, ...]) -> int: ...
 
 
-@runtime_checkable
-class Leaf(Protocol):
-    """A quantised array (see the module docstring)."""
-
-    kind: ClassVar[str]
-    array_fields: ClassVar[tuple[str, ...]]
-
-    @property
-    def nbytes(self) -> int: ...
-
-    def dequantize(self, dtype: Any = None) -> jax.Array: ...
-
-    def take(self, rows: Any) -> jax.Array: ...
-
-    def metadata(self) -> dict: ...
-
-
 def register(spec_cls: type, leaf_cls: type) -> None:
     """Registers a spec class and the leaf class its ``quantize`` returns.
 
@@ -79,6 +64,12 @@ def register(spec_cls: type, leaf_cls: type) -> None:
     for name in (spec_cls.kind, *getattr(spec_cls, "kind_aliases", ())):
         _SPECS[name] = spec_cls
     _LEAVES[leaf_cls.kind] = leaf_cls
+
+
+def unregister(spec_cls: type) -> None:
+    """Removes a spec class (every name it was registered under); its leaf class stays."""
+    for name in [k for k, v in _SPECS.items() if v is spec_cls]:
+        del _SPECS[name]
 
 
 def spec_types() -> tuple[type, ...]:
@@ -119,84 +110,6 @@ def check_spec(spec: Any, where: str = "spec") -> None:
     if spec is not None and not is_spec(spec):
         names = ", ".join(f"distq.{c.__name__}" for c in spec_types())
         raise TypeError(f"{where} must be None or a spec ({names}), got {type(spec).__name__}")
-
-
-def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
-    """Quantises one array with any spec; returns its quantised leaf.
-
-    Jittable with the spec static: ``jax.jit(distq.quantize, static_argnums=1)``, and vmappable
-    over a batch of arrays (the leaf then carries the batch axes). Outside ``jit`` the input is
-    checked (finite, non-empty, floating point); under ``jit`` those checks cannot raise.
-
-    Args:
-      x: a floating-point array (NumPy, JAX, or anything ``jnp.asarray`` takes).
-      spec: a registered spec: :class:`distq.Scalar` (the default, ``Scalar()``: 4 bits),
-        :class:`distq.Uniform`, :class:`distq.NF4`, :class:`distq.PQ` (matrices) or
-        :class:`distq.Cast`.
-      key: a ``jax.random`` key for randomised specs (PQ's k-means); ``None`` uses
-        ``jax.random.key(0)``, so results are reproducible.
-
-    Returns:
-      The quantised leaf (:class:`distq.QArray`, :class:`distq.pq.PQArray`,
-      :class:`distq.CastArray`); ``.dequantize()`` decodes it, ``.nbytes`` is its true size.
-
-    Examples:
-      >>> import numpy as np, distq
-      >>> x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
-      >>> q = distq.quantize(x, distq.Scalar(bits=4, objective="mse"))
-      >>> round(float(((np.asarray(q.dequantize()) - x) ** 2).mean()), 4)
-      0.0095
-      >>> m = np.random.default_rng(1).standard_normal((512, 32)).astype(np.float32)
-      >>> type(distq.quantize(m, distq.PQ(m=8, bits=4))).__name__
-      'PQArray'
-    """
-    from . import _checks  # noqa: PLC0415 (tiny, core)
-    from .scalar import Scalar  # noqa: PLC0415 (the default spec)
-
-    spec = Scalar() if spec is None else spec
-    if not is_spec(spec):
-        check_spec(spec)
-    x = _checks.as_float_array(x)
-    why = spec.problem(tuple(x.shape))
-    if why:
-        raise ValueError(f"{spec_str(spec)} cannot take an array of shape {tuple(x.shape)}: "
-                         f"{why}")
-    return spec.quantize(x, key=key)
-
-
-def dequantize(q: Any, dtype: Any = None) -> jax.Array:
-    """Decodes a quantised leaf (same as ``q.dequantize(dtype)``)."""
-    if not is_quantized(q):
-        raise TypeError(f"dequantize expects a quantised leaf "
-                        f"({', '.join(c.__name__ for c in leaf_types())}), "
-                        f"got {type(q).__name__}")
-    return q.dequantize(dtype)
-
-
-def leaf_state(q: Any) -> dict:
-    """A leaf as a flat state dict: its non-``None`` array fields plus JSON ``metadata``.
-
-    This is the form ``flax.serialization`` sees (see :mod:`distq.integrations.flax`).
-    """
-    import json  # noqa: PLC0415
-
-    state = {f: getattr(q, f) for f in q.array_fields if getattr(q, f) is not None}
-    state["metadata"] = json.dumps(q.metadata())
-    return state
-
-
-def leaf_from_state(cls: type, state: dict, target: Any = None) -> Any:
-    """Rebuilds a leaf of class ``cls`` from :func:`leaf_state` (``target`` supplies the
-    metadata when the state has none)."""
-    import json  # noqa: PLC0415
-
-    if "metadata" in state:
-        meta = json.loads(state["metadata"])
-    elif target is not None:
-        meta = target.metadata()
-    else:
-        raise ValueError(f"a {cls.__name__} state needs its 'metadata' entry (or a target)")
-    return cls.from_arrays({k: v for k, v in state.items() if k != "metadata"}, meta)
 
 
 # ------------------------------------------------------------------------------- text grammar

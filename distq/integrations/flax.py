@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flax import serialization
 
+from ..core import leaf as _leaf
 from ..core import spec as _spec
 
 
@@ -18,8 +19,8 @@ def register_all() -> None:
     """Registers every leaf type of :func:`distq.core.spec.leaf_types` (idempotent)."""
     for cls in _spec.leaf_types():
         serialization.register_serialization_state(
-            cls, _spec.leaf_state,
-            lambda target, state, cls=cls: _spec.leaf_from_state(cls, state, target),
+            cls, _leaf.leaf_state,
+            lambda target, state, cls=cls: _leaf.leaf_from_state(cls, state, target),
             override=True)
 
 

@@ -77,7 +77,7 @@ def _cosine_topk(arr: P.PQArray, queries, n, *, k, block):
     """
     m, bits = arr.m, arr.bits
     nq = queries.shape[0]
-    tab = P._tables(arr.codebooks, arr.rotation, queries.T)  # (m, K, nq): C_s[c] . q_s
+    tab = P.tables(arr.codebooks, arr.rotation, queries.T)  # (m, K, nq): C_s[c] . q_s
     cb = arr.codebooks.astype(jnp.float32)
     tab = jnp.concatenate([tab, jnp.sum(cb * cb, -1)[..., None]], -1)  # + |C_s[c]|^2
     cols = jnp.arange(m, dtype=jnp.int32)
@@ -88,7 +88,7 @@ def _cosine_topk(arr: P.PQArray, queries, n, *, k, block):
         valid = rows < n
         rows = jnp.minimum(rows, n - 1)
         codes = bitpack.take(arr.codes, bits, rows[:, None] * m + cols[None, :])  # (block, m)
-        acc = P._gather_sum(tab, codes)  # (block, nq + 1)
+        acc = P.gather_sum(tab, codes)  # (block, nq + 1)
         s = acc[:, :nq] * lax.rsqrt(jnp.maximum(acc[:, nq:], 1e-30))
         s = jnp.where(valid[:, None], s, -jnp.inf).T  # (nq, block)
         cat_s = jnp.concatenate([best_s, s], 1)
@@ -104,10 +104,10 @@ def _cosine_topk(arr: P.PQArray, queries, n, *, k, block):
 def _cosine_all(arr: P.PQArray, query, *, n):
     """``cos(query, xhat_i)`` for the first ``n`` rows, from their codes."""
     codes = arr.row_codes(jnp.arange(n, dtype=jnp.int32))
-    tab = P._tables(arr.codebooks, arr.rotation, query[:, None])
+    tab = P.tables(arr.codebooks, arr.rotation, query[:, None])
     cb = arr.codebooks.astype(jnp.float32)
     tab = jnp.concatenate([tab, jnp.sum(cb * cb, -1)[..., None]], -1)
-    acc = P._gather_sum(tab, codes)
+    acc = P.gather_sum(tab, codes)
     return acc[:, 0] * lax.rsqrt(jnp.maximum(acc[:, 1], 1e-30))
 
 
@@ -285,7 +285,7 @@ class CompressedKeyedVectors:
 
     def decode(self) -> np.ndarray:
         """All ``(N, D)`` word vectors, decoded (original lengths restored)."""
-        vec = np.asarray(_qz._dequantize(self.vectors), np.float32)
+        vec = np.asarray(_qz.dequantize_pq(self.vectors), np.float32)
         if self.norms is not None:
             vec = vec * self.norms.astype(np.float32)[:, None]
         return vec
@@ -299,7 +299,7 @@ class CompressedKeyedVectors:
             kv = FastTextKeyedVectors(self.vector_size, self.min_n, self.max_n, self.bucket)
         kv.add_vectors(list(self.index_to_key), self.decode())
         if self.ngrams is not None:
-            kv.vectors_ngrams = np.asarray(_qz._dequantize(self.ngrams), np.float32)
+            kv.vectors_ngrams = np.asarray(_qz.dequantize_pq(self.ngrams), np.float32)
         return kv
 
     # ------------------------------------------------------------------ similarity
@@ -358,12 +358,12 @@ class CompressedKeyedVectors:
           ``[(word, cosine), ...]`` best first, the query words left out (as gensim).
         """
         q, exclude = self._query(positive, negative)
-        n = len(self) if restrict_vocab is None else _qz._check_int(
+        n = len(self) if restrict_vocab is None else _qz.check_int(
             restrict_vocab, "restrict_vocab", 1, len(self))
         v = self.vectors
         if not topn:
             return np.asarray(_cosine_all(v, jnp.asarray(q), n=n))
-        topn = _qz._check_int(topn, "topn", 1)
+        topn = _qz.check_int(topn, "topn", 1)
         exclude = {i for i in exclude if i < n}
         need = min(topn + len(exclude), n)
         k = 1 << max(need - 1, 15).bit_length()  # bucketed: few compilations
@@ -388,14 +388,14 @@ class CompressedKeyedVectors:
         raw = [k.encode("utf-8", "surrogatepass") for k in self.index_to_key]
         offsets = np.zeros(len(raw) + 1, np.int64)
         offsets[1:] = np.cumsum([len(b) for b in raw])
-        arrays = _qz._pq_arrays("vectors.", self.vectors)
+        arrays = _qz.pq_arrays("vectors.", self.vectors)
         arrays["vocab.utf8"] = np.frombuffer(b"".join(raw), np.uint8)
         arrays["vocab.offsets"] = offsets
         if self.norms is not None:
             arrays["norms"] = self.norms
         if self.ngrams is not None:
-            arrays.update(_qz._pq_arrays("ngrams.", self.ngrams))
-        meta = {"format": _FORMAT, "version": _qz._VERSION, "vectors": self.vectors.metadata(),
+            arrays.update(_qz.pq_arrays("ngrams.", self.ngrams))
+        meta = {"format": _FORMAT, "version": _qz.FILE_VERSION, "vectors": self.vectors.metadata(),
                 "ngrams": None if self.ngrams is None else self.ngrams.metadata(),
                 "min_n": self.min_n, "max_n": self.max_n}
         _qz.atomic_savez(path, arrays, meta)
@@ -409,8 +409,8 @@ class CompressedKeyedVectors:
             off = arrays["vocab.offsets"]
             keys = tuple(blob[a:b].decode("utf-8", "surrogatepass")
                          for a, b in zip(off[:-1].tolist(), off[1:].tolist()))
-            vectors = _qz._pq_from("vectors.", arrays, meta["vectors"])
-            ngrams = None if meta["ngrams"] is None else _qz._pq_from("ngrams.", arrays,
+            vectors = _qz.pq_from_arrays("vectors.", arrays, meta["vectors"])
+            ngrams = None if meta["ngrams"] is None else _qz.pq_from_arrays("ngrams.", arrays,
                                                                       meta["ngrams"])
             return cls(keys, vectors, arrays.get("norms"), ngrams, int(meta["min_n"]),
                        int(meta["max_n"]))
