@@ -9,6 +9,7 @@ numerical core (:mod:`distq.core`) never imports Flax or optax, and the parts th
 from __future__ import annotations
 
 import importlib as _importlib
+import importlib.util  # noqa: F401 (find_spec)
 import sys as _sys
 from typing import TYPE_CHECKING
 
@@ -127,9 +128,6 @@ def __getattr__(name: str):
     if attr is not None:
         value = getattr(value, attr)
     globals()[name] = value
-    if "flax" in _sys.modules and "distq.integrations.flax" not in _sys.modules:
-        # Flax is loaded: let flax.serialization know distq's leaf types
-        _importlib.import_module(".integrations.flax", __name__)
     return value
 
 
@@ -138,3 +136,45 @@ def __dir__():
 
 
 __all__ = sorted(_API)
+
+
+# flax.serialization learns distq's leaf types (distq.integrations.flax) as soon as both are
+# loaded, in whichever order, without distq importing Flax itself
+def _register_with_flax() -> None:
+    _importlib.import_module(".integrations.flax", __name__)
+
+
+class _AfterImport:
+    """A meta-path finder that runs ``callback`` right after module ``name`` is executed."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        _sys.meta_path.remove(self)
+        spec = _importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+
+        class _Loader:
+            def __getattr__(self, attr):
+                return getattr(loader, attr)
+
+            def create_module(self, spec_):
+                return loader.create_module(spec_)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                callback()
+
+        spec.loader = _Loader()
+        return spec
+
+
+if "flax.serialization" in _sys.modules:
+    _register_with_flax()
+elif not any(isinstance(f, _AfterImport) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _AfterImport("flax.serialization", _register_with_flax))

@@ -198,6 +198,29 @@ class Plan:
 
     Made by :func:`plan`; consumed by :func:`distq.quantize_tree` (pass it as ``rules``),
     :func:`distq.fake_quantize_tree` and the command line. ``str(plan)`` is a table.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> params = {"w": jax.ShapeDtypeStruct((64, 30), jnp.float32), "b": jnp.zeros(4)}
+      >>> p = distq.plan(params, [("w", distq.PQ(m=4, bits=4)), ("b", None), ("head", None)])
+      >>> print(p)
+      path   rule  spec    shape  bytes  -> bytes  bits/val  note
+      ---...
+      b      1: b  none    4      16     16        32.00
+      w      0: w  pq:4:4  64x30  7,680  7,680     32.00     PROBLEM: m=4 sub-spaces must divide
+                                                                      the row length 30
+      total                       7,696  7,696               1.00x smaller
+      rules that matched nothing: ['head']
+      >>> p.check()
+      Traceback (most recent call last):
+        ...
+      ValueError: leaf 'w' (shape (64, 30)) cannot take pq:4:4: m=4 sub-spaces must divide the row length 30
+      >>> p.check(allow_unused=False)
+      Traceback (most recent call last):
+        ...
+      ValueError: 2 problems:
+        leaf 'w' ...
+        rules that matched no leaf: ['head']
     """
 
     leaves: tuple[LeafPlan, ...]
@@ -308,14 +331,26 @@ def plan(params: Any, rules: Rules) -> Plan:
       ``plan.unused_rules``.
 
     Examples:
+      A plan needs only shapes and dtypes:
+
       >>> import jax, jax.numpy as jnp, distq
-      >>> params = {"dense": {"kernel": jnp.zeros((256, 128)), "bias": jnp.zeros(128)}}
-      >>> p = distq.plan(params, [(r".*kernel", distq.Scalar(bits=4)), (r".*/bias", "int:8"),
+      >>> f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+      >>> params = {"dense": {"kernel": f32(1024, 512), "bias": f32(512)}, "norm": {"scale": f32(2)}}
+      >>> p = distq.plan(params, [(r".*kernel", distq.Scalar(bits=4)), (r".*/(bias|scale)", "int:8"),
       ...                         (r"head/.*", distq.NF4())])
-      >>> [(r.path, distq.spec_str(r.spec)) for r in p.leaves]  # doctest: +NORMALIZE_WHITESPACE
-      [('dense/bias', 'none'), ('dense/kernel', 'scalar:4,axis=0,scale_dtype=bfloat16,outliers=0.0057')]
-      >>> p.leaves[0].note, p.unused_rules
-      ('kept: int:8 would take 640 B', ('head/.*',))
+      >>> for r in p.leaves:
+      ...     print(r.path, distq.spec_str(r.spec), r.bytes_before, r.bytes_after)
+      dense/bias int:8 2048 516
+      dense/kernel scalar:4,axis=0,scale_dtype=bfloat16,outliers=0.00532 2097152 278510
+      norm/scale none 8 8
+
+      The kernel's automatic fields became per-input-channel bfloat16 scales and 0.5 % outliers
+      (:meth:`distq.Scalar.resolve`); the 2-value leaf is kept, as ``int:8`` would not shrink it:
+
+      >>> p.leaves[2].note, p.unused_rules, round(p.ratio, 2)
+      ('kept: int:8 would take 8 B', ('head/.*',), 7.52)
+      >>> p.check() is p  # no problems
+      True
     """
     if isinstance(rules, Plan):
         return rules

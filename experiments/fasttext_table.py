@@ -11,7 +11,7 @@ A. a fastText-shaped synthetic matrix: 2,000,000 x 300 float32 (``--quick``: 200
    per-row scales ``s_i`` log-normal (sigma 0.3) and a common mean ``mu`` (elements ~0.05, like
    real fastText vectors). A synthetic 2M-word vocabulary (``word0000000``...) stands in for
    the vocabulary in the seed-style memory. Compressed with ``quantitize`` (the drop-in
-   exported as ``distq.compat.quantitize``; imported here from ``distq._quantitize``), 256
+   exported as ``distq.compat.quantitizer``; imported here from ``distq._quantitize``), 256
    centroids per split.
 B. a gensim ``FastText`` model trained here on gensim's shipped Lee corpus (vector_size=100,
    10 epochs, ``bucket`` = 2,000,000 like Facebook's models; ``--quick``: 100,000), compressed
@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 import distq
-from distq.compat.quantitize import compression_report, deep_sizeof, quantitize, take_rows
+from distq.compat.quantitizer import compression_report, deep_sizeof, quantitize, take_rows
 
 OUT = Path(__file__).parent / "out" / "fasttext_table.md"
 MB = 2 ** 20

@@ -1,6 +1,15 @@
-"""Shared pytest configuration for the distq tests (kept minimal on purpose)."""
+"""Shared pytest configuration for the distq tests.
 
+Strict dtype promotion and rank-promotion errors are on for the whole suite (as in equinox):
+silent upcasts and accidental broadcasting are the classic bugs of quantisation code, and the
+library must not rely on them.
+"""
+
+import jax
 from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # JAX compiles on first use, so a single example can take far longer than hypothesis' default
 # deadline; keep the example count small enough for the suite's time budget.

@@ -192,7 +192,7 @@ def bases():
     return _bases()
 
 
-@settings(max_examples=1500, **_SETTINGS)
+@settings(max_examples=4000, **_SETTINGS)  # ~15 s
 @given(data=st.data())
 def test_header_edits_with_a_valid_digest_raise_only_checkpoint_errors(tmp_path, bases, data):
     blob = data.draw(st.sampled_from(bases), label="base")
@@ -201,7 +201,7 @@ def test_header_edits_with_a_valid_digest_raise_only_checkpoint_errors(tmp_path,
     _only_checkpoint_errors(f)
 
 
-@settings(max_examples=1000, **_SETTINGS)
+@settings(max_examples=2500, **_SETTINGS)  # ~8 s
 @given(data=st.data())
 def test_byte_edits_raise_only_checkpoint_errors(tmp_path, bases, data):
     blob = data.draw(st.sampled_from(bases), label="base")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from distq import compat
+from distq.compat import distquant
 from distq.core import bitpack
 from distq.core import distributions as D
 
@@ -227,10 +228,10 @@ def test_misaligned_and_ragged_inputs_pack_exactly(k, zero):
     # a funnel shift. Half-integers in [-2, 2] keep every float32 sum exact whatever the split,
     # so the packed words must equal those of an aligned copy bit for bit.
     rng = np.random.default_rng(k)
-    base = compat._aligned_copy(rng.integers(-4, 5, 200_064).astype(np.float32) / 2)
+    base = distquant._aligned_copy(rng.integers(-4, 5, 200_064).astype(np.float32) / 2)
     for h in (0, 1, 7, 12, 15):
         x = base[h : h + 131_077]  # misaligned by h floats, and not a whole number of words
-        assert compat._head_length(x) == (16 - h) % 16
+        assert distquant._head_length(x) == (16 - h) % 16
         # (zero with k=4: 15 levels, the word kernel's search padded with an infinite threshold)
         q, info = compat.quantize(x, k=k, dist="gaussian", beta=1.0, zero=zero)
         ref, ref_info = compat.quantize(np.array(x), k=k, dist="gaussian", beta=1.0,

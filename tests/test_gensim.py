@@ -230,7 +230,7 @@ def test_bad_inputs(ft, ckv, tmp_path):
     with pytest.raises(ValueError, match="topn must be"):
         ckv.most_similar("fire", topn=-1)
     with pytest.raises(ValueError, match="not a distq.CompressedKeyedVectors file"):
-        from distq.compat.quantitize import atomic_savez
+        from distq.compat.quantitizer import atomic_savez
 
         atomic_savez(tmp_path / "x.npz", {"a": np.zeros(1)}, {"format": "x", "version": 1})
         CompressedKeyedVectors.load(tmp_path / "x.npz")

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-import distq.compat.quantitize as QZ
-from distq.compat.quantitize import Quantitized, compression_report, deep_sizeof, quantitize
+import distq.compat.quantitizer as QZ
+from distq.compat.quantitizer import Quantitized, compression_report, deep_sizeof, quantitize
 
 N, D, SUB = 2048, 32, 8
 

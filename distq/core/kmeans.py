@@ -91,7 +91,8 @@ class KMeans:
       verbose: print the inertia of every iteration (``jax.debug.callback``), per problem.
 
     Examples:
-      >>> import jax, distq.kmeans as km
+      >>> import jax
+      >>> from distq import kmeans as km
       >>> cfg = km.KMeans(k=8)
       >>> cfg.trials
       4
@@ -282,7 +283,8 @@ def assign(x: jax.Array, centroids: jax.Array, block: int = 4096,
       centroids.
 
     Examples:
-      >>> import jax.numpy as jnp, distq.kmeans as km
+      >>> import jax.numpy as jnp
+      >>> from distq import kmeans as km
       >>> codes, d2 = km.assign(jnp.array([[0.0], [0.9], [2.2]]), jnp.array([[0.0], [2.0]]))
       >>> codes.tolist()
       [0, 0, 1]
@@ -509,7 +511,8 @@ def seed(key: jax.Array, x: jax.Array, k: int, trials: int | None = None,
       ``(k, d)`` or ``(B, k, d)`` centres, all rows of ``x``.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, distq.kmeans as km
+      >>> import jax, jax.numpy as jnp
+      >>> from distq import kmeans as km
       >>> x = jnp.concatenate([jnp.zeros((50, 2)), jnp.ones((50, 2)) * 10])
       >>> c = km.seed(jax.random.key(0), x, 2)
       >>> sorted(c[:, 0].tolist())
@@ -606,7 +609,8 @@ def lloyd(x: jax.Array, centroids: jax.Array, iters: int = 25, tol: float = 1e-4
       A :class:`KMeansResult`.
 
     Examples:
-      >>> import jax.numpy as jnp, distq.kmeans as km
+      >>> import jax.numpy as jnp
+      >>> from distq import kmeans as km
       >>> x = jnp.array([[0.0], [1.0], [10.0], [11.0]])
       >>> km.lloyd(x, jnp.array([[0.0], [1.0]])).centroids.tolist()
       [[0.5], [10.5]]
@@ -700,7 +704,8 @@ def fit(key: jax.Array, x: Any, cfg: KMeans | int) -> KMeansResult:
       ValueError: for NaN/inf, a wrong rank, or fewer rows than centroids.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, distq.kmeans as km
+      >>> import jax, jax.numpy as jnp
+      >>> from distq import kmeans as km
       >>> x = jnp.concatenate([jnp.zeros((20, 2)), jnp.full((20, 2), 5.0)])
       >>> r = km.fit(jax.random.key(0), x, km.KMeans(k=2))
       >>> sorted(r.centroids[:, 0].tolist()), float(r.inertia)

@@ -242,7 +242,7 @@ def decode_codes(codes: jax.Array, codebooks: jax.Array, rotation: jax.Array | N
     """``(n, m)`` codes -> ``(n, D)`` rows (un-rotated), computed in ``dtype``."""
     n, m = codes.shape
     _, k, ds = codebooks.shape
-    flat = (codes + jnp.arange(m, dtype=codes.dtype) * k).reshape(-1)
+    flat = (codes + (jnp.arange(m, dtype=codes.dtype) * k)[None, :]).reshape(-1)
     rows = jnp.take(codebooks.astype(dtype).reshape(m * k, ds), flat, axis=0).reshape(n, m * ds)
     if rotation is not None:
         rows = rows @ rotation.astype(dtype).T

@@ -255,7 +255,8 @@ class QArray:
             raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
         n0, inner = self.value_shape[0], math.prod(self.value_shape[1:])
         r = jnp.where(rows < 0, rows + n0, rows).astype(jnp.int32)
-        flat = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32)  # original order
+        flat = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(
+            (1,) * r.ndim + (inner,))  # indices in the original order
         # position of each value in the layout's (groups, group_len) row order
         perm = self.layout.perm(len(self.value_shape))
         multi = jnp.unravel_index(flat, self.value_shape)
@@ -348,22 +349,37 @@ class QArray:
         return q
 
     def validate(self) -> None:
-        """Checks that array sizes agree with the metadata (raises ``ValueError``)."""
-        if self.codes.dtype != jnp.uint32 or self.codes.ndim != 1:
-            raise ValueError("QArray.codes must be a 1-D uint32 array")
+        """Checks that array sizes agree with the metadata (raises ``ValueError``).
+
+        A batched QArray (made under ``vmap``) is valid when every array carries the same
+        leading batch axes and each member is valid.
+        """
+        if self.codes.dtype != jnp.uint32 or self.codes.ndim < 1:
+            raise ValueError("QArray.codes must be a uint32 array of packed words")
+        batch = self.batch_shape
+        nb = len(batch)
+
+        def member(a, name):
+            if a is None:
+                return None
+            if tuple(a.shape[:nb]) != batch:
+                raise ValueError(f"QArray.{name} must have the batch axes {batch} of its codes")
+            return a.shape[nb:]
+
         if not 1 <= self.bits <= 16 or self.n < 1:
             raise ValueError(f"QArray bits must be in 1..16 and n >= 1, got {self.bits}, {self.n}")
         words = bitpack.packed_nbytes(self.value_size, self.bits) // 4
-        if self.codes.shape[0] != words:
-            raise ValueError(f"QArray.codes has {self.codes.shape[0]} words; shape "
+        if self.codes.shape[nb:] != (words,):
+            raise ValueError(f"QArray.codes has {self.codes.shape[nb:]} words; shape "
                              f"{self.value_shape} at {self.bits} bits needs {words}")
         self.layout.validate(self.value_shape)
         g = self.layout.num_groups(self.value_shape)
-        if self.scale.shape != (g,) or (self.loc is not None and self.loc.shape != (g,)):
+        if member(self.scale, "scale") != (g,) or (
+                self.loc is not None and member(self.loc, "loc") != (g,)):
             raise ValueError(f"QArray scale/loc must have shape ({g},)")
         if (self.codebook is None) == (self.grid is None):
             raise ValueError("QArray needs exactly one of a codebook and a grid")
-        if self.codebook is not None and self.codebook.shape != (self.n,):
+        if self.codebook is not None and member(self.codebook, "codebook") != (self.n,):
             raise ValueError(f"QArray.codebook must have shape ({self.n},)")
         if self.n > (1 << self.bits):
             raise ValueError(f"QArray has n={self.n} levels, more than 2**bits")
@@ -373,9 +389,10 @@ class QArray:
             raise ValueError(f"QArray has {k} outliers but outlier arrays do not match")
         if k:
             words = position_words(k, self.index_bits)
-            if self.outlier_index.dtype != jnp.uint32 or self.outlier_index.shape != (words,):
+            if self.outlier_index.dtype != jnp.uint32 or member(
+                    self.outlier_index, "outlier_index") != (words,):
                 raise ValueError(f"QArray.outlier_index must be {words} uint32 words")
-            if self.outlier_value.shape != (k,):
+            if member(self.outlier_value, "outlier_value") != (k,):
                 raise ValueError(f"QArray.outlier_value must have shape ({k},)")
 
 

@@ -317,9 +317,11 @@ class Uniform(_ScalarGrid):
 
     Examples:
       >>> import jax.numpy as jnp, distq
-      >>> q = distq.quantize(jnp.array([-1.0, 0.0, 0.5, 1.0]), distq.Uniform(bits=8))
-      >>> q.dequantize().tolist()
-      [-1.0, 0.0, 0.4960629940032959, 1.0]
+      >>> q = distq.quantize(jnp.array([-1.0, 0.0, 0.3, 1.0]), distq.Uniform(bits=8))
+      >>> [round(v, 4) for v in q.dequantize().tolist()]  # levels k/127
+      [-1.0, 0.0, 0.2992, 1.0]
+      >>> q.nbytes  # four 8-bit codes and one float32 scale: no level table
+      8
     """
 
     kind: ClassVar[str] = "int"

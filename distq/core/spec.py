@@ -57,6 +57,36 @@ def register(spec_cls: type, leaf_cls: type) -> None:
     The spec class needs ``kind`` (and may have ``kind_aliases``); the leaf class needs ``kind``
     and ``array_fields``. Registering makes the spec valid in rules, plans, the CLI's text form,
     and its leaves known to :func:`is_quantized`, tree functions and checkpoints.
+
+    Examples:
+      A spec that stores matrices in float16, reusing :class:`distq.CastArray` as its leaf:
+
+      >>> import dataclasses, math, jax.numpy as jnp, distq
+      >>> from typing import ClassVar
+      >>> from distq.core.spec import unregister
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Halve:
+      ...     kind: ClassVar[str] = "halve"
+      ...     def quantize(self, x, *, key=None):
+      ...         return distq.Cast("float16").quantize(x)
+      ...     def resolve(self, shape, role=None):
+      ...         return self
+      ...     def problem(self, shape):
+      ...         return None if len(shape) == 2 else "needs a matrix"
+      ...     def nbytes(self, shape):
+      ...         return 2 * math.prod(shape)
+      >>> distq.register(Halve, distq.CastArray)
+      >>> distq.parse_spec("halve")
+      Halve()
+      >>> q, report = distq.quantize_tree({"w": jnp.ones((8, 8)), "b": jnp.ones(8)},
+      ...                                 [("w", "halve"), ("b", None)])
+      >>> type(q["w"]).__name__, report.bytes_after
+      ('CastArray', 160)
+      >>> distq.plan({"v": jnp.ones(8)}, Halve()).problems
+      ("leaf 'v' (shape (8,)) cannot take halve: needs a matrix",)
+      >>> unregister(Halve)
+      >>> "halve" in distq.core.spec.spec_kinds()
+      False
     """
     for cls, what in ((spec_cls, "spec"), (leaf_cls, "leaf")):
         if not isinstance(getattr(cls, "kind", None), str):
@@ -88,7 +118,15 @@ def leaf_class(kind: str) -> type | None:
 
 
 def spec_kinds() -> tuple[str, ...]:
-    """Every name the text form accepts for a spec (``none``/``keep`` included)."""
+    """Every name the text form accepts for a spec (``none``/``keep`` included).
+
+    Examples:
+      >>> from distq.core.spec import leaf_class, spec_kinds
+      >>> sorted(spec_kinds())
+      ['cast', 'int', 'keep', 'nf4', 'none', 'pq', 'scalar', 'uniform']
+      >>> leaf_class("qarray").__name__, leaf_class("nothing")
+      ('QArray', None)
+    """
     return ("none", "keep", *_SPECS)
 
 
@@ -101,12 +139,31 @@ def is_quantized(x: Any) -> bool:
     """``True`` for a quantised leaf (an instance of a registered leaf class).
 
     Use it as ``is_leaf`` in ``jax.tree`` functions to treat quantised leaves as units.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> tree = {"q": distq.quantize(jnp.ones((8, 8)), distq.Uniform(bits=4)), "x": jnp.ones(3)}
+      >>> distq.is_quantized(tree["q"]), distq.is_quantized(tree["x"])
+      (True, False)
+      >>> len(jax.tree.leaves(tree)), len(jax.tree.leaves(tree, is_leaf=distq.is_quantized))
+      (3, 2)
     """
     return isinstance(x, leaf_types())
 
 
 def check_spec(spec: Any, where: str = "spec") -> None:
-    """Raises ``TypeError`` unless ``spec`` is ``None`` or a registered spec."""
+    """Raises ``TypeError`` unless ``spec`` is ``None`` or a registered spec.
+
+    Examples:
+      >>> import distq
+      >>> from distq.core.spec import check_spec, is_spec
+      >>> is_spec(distq.NF4()), is_spec("nf4")
+      (True, False)
+      >>> check_spec("nf4", "rules[0]")
+      Traceback (most recent call last):
+        ...
+      TypeError: rules[0] must be None or a spec (distq.Cast, ...), got str
+    """
     if spec is not None and not is_spec(spec):
         names = ", ".join(f"distq.{c.__name__}" for c in spec_types())
         raise TypeError(f"{where} must be None or a spec ({names}), got {type(spec).__name__}")
@@ -229,6 +286,10 @@ def parse_spec(text: str) -> Any:
       True
       >>> distq.parse_spec(distq.spec_str(distq.PQ(m=16, opq=True))) == distq.PQ(m=16, opq=True)
       True
+      >>> distq.parse_spec("scalar:4,grp=64")
+      Traceback (most recent call last):
+        ...
+      distq.core.spec.SpecSyntaxError: bad spec 'scalar:4,grp=64': unknown option 'grp' for scalar; allowed: ...
     """
     where = f"bad spec {text!r}"
     kinds = ", ".join(spec_kinds())
@@ -289,6 +350,13 @@ def spec_str(spec: Any) -> str:
 
     :func:`parse_spec` reads it back. A spec class may define ``text_positional()`` to choose
     what its positional parts show (``Scalar`` shows its code bits).
+
+    Examples:
+      >>> import distq
+      >>> distq.spec_str(distq.Scalar(bits=3, axis=-1)), distq.spec_str(distq.PQ(m=16, opq=True))
+      ('scalar:3,axis=-1', 'pq:16:8,opq')
+      >>> distq.spec_str(distq.Uniform(bits=4, group_size=64)), distq.spec_str(None)
+      ('int:4,group_size=64', 'none')
     """
     if spec is None:
         return "none"

@@ -46,7 +46,7 @@ try:
 except ImportError as e:  # pragma: no cover - the gensim extra installs it
     raise ImportError("distq.integrations.gensim needs gensim (pip install 'distq[gensim]')") from e
 
-from ..compat import quantitize as _qz
+from ..compat import quantitizer as _qz
 from ..core import bitpack
 from ..core import pq as P
 

@@ -120,7 +120,7 @@ class ConvMixin:
             rhs_dilation=self.kernel_dilation, dimension_numbers=dn,
             feature_group_count=self.feature_group_count, precision=self.precision)
         if bias is not None:
-            y = y + bias.astype(dt)
+            y = y + bias.astype(dt).reshape((1,) * (y.ndim - 1) + (-1,))
         return y if nb == 1 else y.reshape(lead + y.shape[1:])
 
 

@@ -147,7 +147,7 @@ class PQDense(PQBase):
                         None if rot is None else rot.astype(dt), self.bits, forward,
                         self.precision)
         if bias is not None:
-            y = y + bias.astype(dt)
+            y = y + bias.astype(dt).reshape((1,) * (y.ndim - 1) + (-1,))
         return y.reshape(lead + (self.out_features,))
 
 

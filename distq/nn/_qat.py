@@ -122,7 +122,7 @@ class QATDense(_QATBase):
         dt = compute_dtype(self.dtype, x, kernel, bias)
         y = lax.dot_general(x.astype(dt), kernel.astype(dt),
                             (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        return y if bias is None else y + bias.astype(dt)
+        return y if bias is None else y + bias.astype(dt).reshape((1,) * (y.ndim - 1) + (-1,))
 
 
 class QATConv(ConvMixin, _QATBase):

@@ -161,7 +161,7 @@ class Quantitized:
 
     Examples:
       >>> import numpy as np
-      >>> from distq._quantitize import quantitize
+      >>> from distq.compat import quantitize
       >>> x = np.random.default_rng(0).random((1000, 40), dtype=np.float32)
       >>> q = quantitize(x, sub_size=5, n_cluster=16)
       >>> q.shape, q.dtype, q.nbytes        # 5 codes of 4 bits per row + 5 x 16 x 8 floats
@@ -392,7 +392,7 @@ def quantitize(matrix: Any, sub_size: int = 8, n_cluster: int = 256, n_iter: int
 
     Examples:
       >>> import numpy as np
-      >>> from distq._quantitize import quantitize
+      >>> from distq.compat import quantitize
       >>> x = np.random.default_rng(0).standard_normal((4096, 60)).astype(np.float32)
       >>> q = quantitize(x, sub_size=20)            # 20 parts of 3 values, 256 centroids each
       >>> q.indexes.dtype, bool(q.indexes.max() > 127)   # unsigned: codes above 127 are fine
@@ -449,7 +449,7 @@ def deep_sizeof(obj: Any) -> int:
     skipped.
 
     Examples:
-      >>> from distq._quantitize import deep_sizeof
+      >>> from distq.compat import deep_sizeof
       >>> deep_sizeof(["a", "b"]) > 2 * sys.getsizeof("a")
       True
     """
@@ -521,7 +521,7 @@ def compression_report(original: Any, compressed: Any, vocab: Any = None, *,
 
     Examples:
       >>> import numpy as np
-      >>> from distq._quantitize import quantitize, compression_report
+      >>> from distq.compat import quantitize, compression_report
       >>> x = np.random.default_rng(0).standard_normal((2048, 32)).astype(np.float32)
       >>> r = compression_report(x, quantitize(x, sub_size=8), vocab=[f"w{i}" for i in range(2048)])
       >>> round(r.ratio, 1), r.seed_style_nbytes > r.nbytes, 0.8 < r.mean_cosine < 1
