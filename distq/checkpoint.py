@@ -403,11 +403,15 @@ def save(path: str | os.PathLike, tree: Any, *, report: Any = None,
       >>> import os, tempfile, jax, distq
       >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
       >>> q, _ = distq.quantize_tree(params, distq.Scalar(bits=4))
-      >>> f = os.path.join(tempfile.mkdtemp(), "model.distq")
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "model.distq")
       >>> size = distq.save(f, q)
+      >>> size == os.path.getsize(f)
+      True
       >>> r = distq.load(f)
       >>> bool((r["w"].codes == q["w"].codes).all())
       True
+      >>> folder.cleanup()
     """
     path = os.fspath(path)
     _write_target(path)  # fail before any work
@@ -580,6 +584,26 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
       FileNotFoundError: no such file.
       CheckpointError: (a ``ValueError``) not a readable safetensors file.
+
+    Examples:
+      A distq checkpoint is a safetensors file too: its tensors are the leaves' arrays.
+
+      >>> import os, tempfile, jax.numpy as jnp, distq
+      >>> from distq.checkpoint import read_safetensors
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "model.safetensors")
+      >>> q, _ = distq.quantize_tree({"w": jnp.ones((64, 32)), "b": jnp.zeros(32)},
+      ...                            [("w", distq.Uniform(bits=4)), ("b", None)])
+      >>> _ = distq.save(f, q)
+      >>> {name: (str(a.dtype), a.shape) for name, a in read_safetensors(f).items()}
+      {'b': ('float32', (32,)), 'w:codes': ('uint32', (256,)), 'w:scale': ('float32', (1,))}
+      >>> with open(f, "r+b") as fh:
+      ...     _ = fh.truncate(100)
+      >>> read_safetensors(f)
+      Traceback (most recent call last):
+        ...
+      distq.checkpoint.CheckpointError: '...' is truncated or not a safetensors/distq checkpoint (header length ... but the file has 100 bytes)
+      >>> folder.cleanup()
     """
     header, data, _ = _read(path)
     index = _tensors(header, len(data), os.fspath(path))
@@ -822,6 +846,23 @@ def info(path: str | os.PathLike) -> dict:
     Raises:
       FileNotFoundError: no such file.
       CheckpointError: (a ``ValueError``) a truncated, altered, malformed or foreign file.
+
+    Examples:
+      >>> import os, tempfile, jax, jax.numpy as jnp, distq
+      >>> from distq.checkpoint import info
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32)), "b": jnp.zeros(32)}
+      >>> q, report = distq.quantize_tree(params, [("w", distq.Uniform(bits=4)), ("b", None)])
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "model.distq")
+      >>> size = distq.save(f, q, report=report, metadata={"model": "toy"})
+      >>> d = info(f)
+      >>> sorted(d), d["user"], d["file_bytes"] == size
+      (['file_bytes', 'leaves', 'tensors', 'tree', 'user'], {'model': 'toy'}, True)
+      >>> [(r["path"], r["spec"], r["bytes_after"]) for r in d["leaves"]]
+      [('b', 'none', 128), ('w', 'int:4', 1028)]
+      >>> d["tensors"]["w:codes"]["shape"]  # 2048 4-bit codes in 256 uint32 words
+      [256]
+      >>> folder.cleanup()
     """
     c = _Checkpoint(path)
     c.check()
@@ -841,5 +882,26 @@ def load(path: str | os.PathLike, *, as_numpy: bool = False) -> Any:
       FileNotFoundError: no such file.
       CheckpointError: (a ``ValueError``) a truncated, altered, malformed or foreign file, or a
         path that is a directory, FIFO or device.
+
+    Examples:
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np, distq
+      >>> tree = {"q": distq.quantize(jnp.ones((8, 8)), distq.NF4()), "key": jax.random.key(1),
+      ...         "step": np.int32(7), "layers": [jnp.zeros(2), None]}
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "state.distq")
+      >>> _ = distq.save(f, tree)
+      >>> back = distq.load(f, as_numpy=True)
+      >>> type(back["q"]).__name__, back["step"].dtype, type(back["layers"][0]).__name__
+      ('QArray', dtype('int32'), 'ndarray')
+      >>> bool((jax.random.key_data(back["key"]) == jax.random.key_data(tree["key"])).all())
+      True
+      >>> with open(f, "r+b") as fh:  # flip one data byte
+      ...     _ = fh.seek(-1, os.SEEK_END); b = fh.read(1); _ = fh.seek(-1, os.SEEK_END)
+      ...     _ = fh.write(bytes([b[0] ^ 1]))
+      >>> distq.load(f)
+      Traceback (most recent call last):
+        ...
+      distq.checkpoint.CheckpointError: '...': checksum mismatch; the file was altered or corrupted after it was saved
+      >>> folder.cleanup()
     """
     return _Checkpoint(path).build(as_numpy)

@@ -163,6 +163,17 @@ def parse_rule(text: str) -> tuple[str, Any]:
 
     Raises:
       UsageError: no ``=SPEC`` part, an invalid regex or a bad spec (one line).
+
+    Examples:
+      >>> parse_rule("layer_[0-9]+/bias=int:8")
+      ('layer_[0-9]+/bias', Uniform(bits=8, symmetric=True, axis=None, group_size=None, group_axis=-1, scale_dtype='float32'))
+      >>> regex, spec = parse_rule("(?!head).*=nf4,group=32")  # '=' in the regex and options
+      >>> regex, spec.group_size
+      ('(?!head).*', 32)
+      >>> parse_rule("kernel")
+      Traceback (most recent call last):
+        ...
+      distq.cli.UsageError: bad rule 'kernel': expected REGEX=SPEC (e.g. ...)
     """
     example = "(e.g. '.*\\.weight=scalar:4')"
     where = f"bad rule {_quoted(text)}"
@@ -261,6 +272,20 @@ def read_input(path: str) -> tuple[Any, str]:
 
     Raises:
       CliError: a missing, unreadable, corrupt or unsupported file.
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, distq
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "model.distq")
+      >>> _ = distq.save(f, {"dense": {"kernel": jnp.ones((4, 2))}})
+      >>> tree, fmt = read_input(f)
+      >>> fmt, tree["dense"]["kernel"].shape
+      ('distq', (4, 2))
+      >>> read_input(os.path.join(folder.name, "missing.safetensors"))
+      Traceback (most recent call last):
+        ...
+      distq.cli.CliError: ...
+      >>> folder.cleanup()
     """
     checkpoint = _checkpoint_module()
     _check_input(path)
@@ -752,6 +777,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
       0 on success, 2 for a usage error, 1 for any other failure (one line on stderr).
+
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp, distq
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> src, dst = (os.path.join(folder.name, n) for n in ("in.distq", "out.distq"))
+      >>> _ = distq.save(src, {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}})
+      >>> rules = ["--rule", ".*kernel=int:4", "--rule", ".*bias=none"]
+      >>> main(["quantize", src, dst, *rules, "--dry-run"])
+      path          rule         spec   shape  bytes  -> bytes  bits/val  note
+      ---...
+      dense/bias    1: .*bias    none   32     128    128       32.00
+      dense/kernel  0: .*kernel  int:4  64x32  8,192  1,028     4.02
+      total                                    8,320  1,156               7.20x smaller
+      2 leaves, 1 to quantise (dry run: nothing written)
+      0
+      >>> main(["quantize", src, dst, *rules, "--quiet"])
+      0
+      >>> main(["info", dst])
+      /...out.distq: distq, 2,484 bytes
+      ...
+      name          spec   shape  dtype    bytes  -> bytes  bits/val  rel err   note
+      ---...
+      dense/bias    none   32     float32  128    128       32.00     -
+      dense/kernel  int:4  64x32  float32  8,192  1,028     4.02      0.00e+00
+      total                                8,320  1,156                         7.20x smaller
+      1 of 2 leaves quantised, 4.02 bits/weight on them
+      0
+      >>> main(["quantize", src, dst, "--rule", "kernel"])  # usage error: one line on stderr
+      2
+      >>> folder.cleanup()
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -63,7 +63,15 @@ def export(apply_fn: Callable, qtree: Any, *example_args, embed_weights: bool = 
 
 
 def flat_weights(qtree: Any) -> list:
-    """The arrays of a (quantised) tree in the order :func:`export`'s artefact takes them."""
+    """The arrays of a (quantised) tree in the order :func:`export`'s artefact takes them.
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> q, _ = distq.quantize_tree({"w": jnp.ones((64, 32)), "b": jnp.zeros(32)},
+      ...                            [("w", distq.Uniform(bits=4)), ("b", None)])
+      >>> [(a.shape, str(a.dtype)) for a in distq.export.flat_weights(q)]  # b; w's codes, scale
+      [((32,), 'float32'), ((256,), 'uint32'), ((1,), 'float32')]
+    """
     return jax.tree_util.tree_leaves(qtree)
 
 

@@ -53,6 +53,22 @@ def prune_magnitude(params, ratio: float, *, rules=None, scope: str = "global"):
       ``(pruned, masks)``: masks is a tree like ``params`` with a boolean keep-mask per pruned
       leaf and ``None`` elsewhere; keep it applied during training with :func:`apply_masks`,
       :func:`fake_quantize_tree` (``masks=``) or :func:`masked_updates`.
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.array([0.1, -0.2])}
+      >>> pruned, masks = distq.prune_magnitude(params, 0.5)  # the bias (rank 1) is left alone
+      >>> pruned["w"].tolist(), masks["b"]
+      ([[0.0, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 8.0]], None)
+      >>> distq.sparsity(pruned), distq.sparsity(pruned, masks)  # of all float leaves, of masked
+      (0.4, 0.5)
+
+      ``scope="leaf"`` prunes the ratio in every leaf instead of with one global threshold:
+
+      >>> params = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "c": 10 * jnp.ones((2, 2))}
+      >>> pruned, _ = distq.prune_magnitude(params, 0.5, scope="leaf")
+      >>> distq.sparsity(pruned["a"]), distq.sparsity(pruned["c"])
+      (0.5, 0.5)
     """
     ratio = _check_ratio(ratio)
     _checks.check_choice(scope, "scope", ("global", "leaf"))
@@ -92,6 +108,15 @@ def prune_structured(params, ratio: float, *, axis: int = -1, rules=None):
     For each selected leaf, the slices along ``axis`` (``-1``: a Dense kernel's output columns
     or a conv's output channels) are ranked by their L2 norm and the ``ratio`` smallest are
     zeroed. Returns ``(pruned, masks)`` like :func:`prune_magnitude`.
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> kernel = jnp.array([[1.0, 0.1, 2.0], [1.0, 0.1, -2.0]])  # (in, out)
+      >>> pruned, masks = distq.prune_structured({"kernel": kernel}, 1 / 3)
+      >>> pruned["kernel"].tolist()  # the output column of smallest norm is gone
+      [[1.0, 0.0, 2.0], [1.0, 0.0, -2.0]]
+      >>> masks["kernel"][0].tolist()
+      [True, False, True]
     """
     ratio = _check_ratio(ratio)
     leaves, treedef, chosen = _select(params, rules)
@@ -116,7 +141,15 @@ def prune_structured(params, ratio: float, *, axis: int = -1, rules=None):
 
 
 def apply_masks(params, masks):
-    """Zeroes the pruned entries: ``x * mask`` where a mask is given, unchanged elsewhere."""
+    """Zeroes the pruned entries: ``x * mask`` where a mask is given, unchanged elsewhere.
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> masks = {"w": jnp.array([True, False, True]), "b": None}
+      >>> out = distq.apply_masks({"w": jnp.ones(3), "b": jnp.ones(2)}, masks)
+      >>> out["w"].tolist(), out["b"].tolist()
+      ([1.0, 0.0, 1.0], [1.0, 1.0])
+    """
 
     def f(x, m):
         return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
@@ -125,7 +158,15 @@ def apply_masks(params, masks):
 
 
 def sparsity(params, masks=None) -> float:
-    """Fraction of exactly-zero values among the float leaves (or the masked leaves)."""
+    """Fraction of exactly-zero values among the float leaves (or the masked leaves).
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> distq.sparsity({"w": jnp.array([0.0, 1.0, 0.0, 2.0]), "step": jnp.array(0)})
+      0.5
+      >>> distq.sparsity({"w": jnp.ones(4)}, {"w": jnp.array([True, True, True, False])})
+      0.25
+    """
     leaves = jax.tree_util.tree_leaves(params)
     if masks is not None:
         ms = jax.tree_util.tree_leaves(masks)
@@ -135,7 +176,17 @@ def sparsity(params, masks=None) -> float:
 
 
 def masked_updates(masks):
-    """An optax transformation that zeroes updates of pruned weights (chain it last)."""
+    """An optax transformation that zeroes updates of pruned weights (chain it last).
+
+    Examples:
+      >>> import jax.numpy as jnp, distq, optax
+      >>> params = {"kernel": jnp.array([[1.0, 0.1, 2.0], [1.0, 0.1, -2.0]])}
+      >>> pruned, masks = distq.prune_structured(params, 1 / 3)
+      >>> opt = optax.chain(optax.sgd(0.5), distq.masked_updates(masks))
+      >>> updates, _ = opt.update({"kernel": jnp.ones((2, 3))}, opt.init(pruned))
+      >>> optax.apply_updates(pruned, updates)["kernel"].tolist()  # pruned weights stay zero
+      [[0.5, 0.0, 1.5], [0.5, 0.0, -2.5]]
+    """
     import optax
 
     def init_fn(params):

@@ -12,7 +12,16 @@ from .prune import apply_masks
 
 
 def representable_range(q: QArray) -> tuple[jax.Array, jax.Array]:
-    """Per element, the smallest and largest value ``q``'s codebook can reproduce."""
+    """Per element, the smallest and largest value ``q``'s codebook can reproduce.
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> from distq.ste import representable_range
+      >>> q = distq.quantize(jnp.array([-2.0, 0.5, 1.0, 2.0]), distq.Uniform(bits=4))
+      >>> lo, hi = representable_range(q)  # symmetric: -absmax..absmax everywhere
+      >>> lo.tolist(), hi.tolist()
+      ([-2.0, -2.0, -2.0, -2.0], [2.0, 2.0, 2.0, 2.0])
+    """
     s = q.scale.astype(jnp.float32)
     levels = q.levels()
     lo_c, hi_c = jnp.min(levels), jnp.max(levels)
@@ -63,6 +72,24 @@ def fake_quantize_tree(params, rules: _plan.Rules, *, clip: bool = True, masks=N
     ``masks`` (a tree like ``params`` with boolean arrays or ``None``, e.g. from
     :func:`prune_magnitude`) is applied first, so pruned weights stay exactly zero in the
     forward pass. Differentiable and jittable (rules are static Python objects).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 16)), "b": jnp.ones(16)}
+      >>> rules = [("w", distq.Uniform(bits=4)), ("b", None)]
+      >>> fq = distq.fake_quantize_tree(params, rules)
+      >>> bool((fq["w"] == distq.quantize(params["w"], distq.Uniform(bits=4)).dequantize()).all())
+      True
+      >>> g = jax.grad(lambda p: distq.fake_quantize_tree(p, rules)["w"].sum())(params)
+      >>> float(g["w"].mean())  # straight through
+      1.0
+
+      With pruning masks, pruned weights stay zero:
+
+      >>> pruned, masks = distq.prune_magnitude(params, 0.5)
+      >>> fq = distq.fake_quantize_tree(params, rules, masks=masks)
+      >>> bool((fq["w"][~masks["w"]] == 0).all())
+      True
     """
     if masks is not None:
         params = apply_masks(params, masks)

@@ -40,7 +40,18 @@ def partition(tree, filter_fn: Callable[[Any], bool] | None = None):
 
 
 def combine(*trees):
-    """Merges trees split by :func:`partition` (first non-``None`` leaf wins)."""
+    """Merges trees split by :func:`partition` (first non-``None`` leaf wins).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> q, _ = distq.quantize_tree({"w": jnp.ones((8, 8))}, distq.Uniform(bits=4))
+      >>> train, rest = distq.partition(q)
+      >>> train["w"].codes is None, rest["w"].scale is None
+      (True, True)
+      >>> merged = distq.combine(train, rest)
+      >>> jax.tree.structure(merged) == jax.tree.structure(q), merged["w"].codes.dtype
+      (True, dtype('uint32'))
+    """
 
     def pick(*xs):
         for x in xs:
@@ -52,5 +63,17 @@ def combine(*trees):
 
 
 def labels(tree, trainable: str = "trainable", frozen: str = "frozen"):
-    """Per-leaf labels for ``optax.multi_transform`` (float arrays trainable, rest frozen)."""
+    """Per-leaf labels for ``optax.multi_transform`` (float arrays trainable, rest frozen).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq, optax
+      >>> q, _ = distq.quantize_tree({"w": jnp.ones((8, 8)), "b": jnp.zeros(8)},
+      ...                            [("w", distq.Uniform(bits=4)), ("b", None)])
+      >>> lab = distq.labels(q)
+      >>> lab["b"], lab["w"].codes, lab["w"].scale
+      ('trainable', 'frozen', 'trainable')
+      >>> opt = optax.multi_transform({"trainable": optax.adam(1e-3),
+      ...                              "frozen": optax.set_to_zero()}, lab)
+      >>> state = opt.init(q)
+    """
     return jax.tree_util.tree_map(lambda x: trainable if _trainable(x) else frozen, tree)

@@ -11,7 +11,7 @@ from distq import calibrate
 
 
 def _apply(p, x):
-    h = jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"], approximate=False)
+    h = jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"][None, :], approximate=False)
     h = jax.jit(lambda h, w: h @ w.T)(h, p["l2"]["weight"])  # HF layout, inside a nested jit
     return h.astype(jnp.bfloat16).astype(jnp.float32) @ p["head"]
 
@@ -28,7 +28,7 @@ def _data(key, n=512, d=32):
     """Correlated inputs with three outlier features; same distribution for every key."""
     mix = jax.random.normal(jax.random.key(99), (d, d)) / np.sqrt(d)
     x = jax.random.normal(jax.random.key(key), (n, d)) @ mix
-    return x * jnp.where(jnp.arange(d) < 3, 8.0, 1.0)
+    return x * jnp.where(jnp.arange(d) < 3, 8.0, 1.0)[None, :]
 
 
 def test_collect_finds_the_gram_matrix_of_each_matmul_input():
@@ -41,7 +41,7 @@ def test_collect_finds_the_gram_matrix_of_each_matmul_input():
     axis, h = grams["l1/kernel"]
     assert axis == 0
     np.testing.assert_allclose(h, xn.T @ xn, rtol=1e-4, atol=1e-3)
-    hid = jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"], approximate=False)
+    hid = jax.nn.gelu(x @ p["l1"]["kernel"] + p["l1"]["bias"][None, :], approximate=False)
     axis, h = grams["l2/weight"]
     assert axis == 1
     hn = np.asarray(hid, np.float64)

@@ -265,7 +265,7 @@ class Quantitized:
         if rows.size == 0:
             raise ValueError("ids selects no rows")
         words = _repack(self.array, jnp.asarray(rows, jnp.int32))
-        arr = dataclasses.replace(self.array, codes=words, shape=(int(rows.size), self.dim))
+        arr = dataclasses.replace(self.array, codes=words, value_shape=(int(rows.size), self.dim))
         return Quantitized(arr, self.quantizer)
 
     def encode(self, x: Any) -> "Quantitized":

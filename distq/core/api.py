@@ -52,7 +52,18 @@ def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
 
 
 def dequantize(q: Any, dtype: Any = None) -> jax.Array:
-    """Decodes a quantised leaf (same as ``q.dequantize(dtype)``)."""
+    """Decodes a quantised leaf (same as ``q.dequantize(dtype)``).
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> q = distq.quantize(jnp.array([1.0, -1.0, 0.0]), distq.Uniform(bits=8))
+      >>> distq.dequantize(q).tolist(), distq.dequantize(q, jnp.bfloat16).dtype
+      ([1.0, -1.0, 0.0], dtype(bfloat16))
+      >>> distq.dequantize(jnp.ones(2))
+      Traceback (most recent call last):
+        ...
+      TypeError: dequantize expects a quantised leaf (...), got ...
+    """
     if not is_quantized(q):
         raise TypeError(f"dequantize expects a quantised leaf "
                         f"({', '.join(c.__name__ for c in leaf_types())}), "

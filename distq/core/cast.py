@@ -55,7 +55,16 @@ class Cast:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CastArray:
-    """A leaf stored in a narrower dtype; ``dequantize()`` restores the original dtype."""
+    """A leaf stored in a narrower dtype; ``dequantize()`` restores the original dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> c = distq.quantize(jnp.full((4, 8), 1.001), distq.Cast("bfloat16"))
+      >>> c.value.dtype, c.dtype, c.nbytes
+      (dtype(bfloat16), 'float32', 64)
+      >>> c.take(jnp.array([0, 2])).tolist()[0][:2]  # decoded rows, rounded to bfloat16
+      [1.0, 1.0]
+    """
 
     kind: ClassVar[str] = "castarray"
     array_fields: ClassVar[tuple[str, ...]] = ("value",)

@@ -353,7 +353,8 @@ class PQArray:
     def row_codes(self, rows: Any) -> jax.Array:
         """Codes ``(len(rows), m)`` of some rows, read straight from the packed words."""
         rows = jnp.asarray(rows, jnp.int32)
-        pos = rows[..., None] * self.m + jnp.arange(self.m, dtype=jnp.int32)
+        pos = rows[..., None] * self.m + jnp.arange(self.m, dtype=jnp.int32).reshape(
+            (1,) * rows.ndim + (self.m,))
         return bitpack.take(self.codes, self.bits, pos)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
@@ -405,7 +406,8 @@ class PQArray:
 
     # ------------------------------------------------------------------ products
     def _out_dtype(self, v: jax.Array):
-        return jnp.promote_types(self.dtype, v.dtype)
+        with jax.numpy_dtype_promotion("standard"):  # the lattice, whatever the user's config
+            return jnp.promote_types(self.dtype, v.dtype)
 
     def __matmul__(self, v: Any) -> jax.Array:
         """``X @ v`` for ``v`` of shape (D,) or (D, k), through per-sub-space tables."""
@@ -751,7 +753,15 @@ def fit(key: jax.Array, x: Any, spec: PQ | None = None, **kwargs) -> ProductQuan
 
 
 def quantize(key: jax.Array, x: Any, spec: PQ) -> PQArray:
-    """Fits and encodes in one call: ``fit(key, x, spec).encode(x)``."""
+    """Fits and encodes in one call: ``fit(key, x, spec).encode(x)``.
+
+    Examples:
+      >>> import jax, distq
+      >>> x = jax.random.normal(jax.random.key(0), (256, 64))
+      >>> q = distq.pq.quantize(jax.random.key(1), x, distq.PQ(m=8, bits=4))
+      >>> type(q).__name__, q.shape, q.nbytes  # 256 x 8 4-bit codes, 8 x 16 x 8 codebooks
+      ('PQArray', (256, 64), 5120)
+    """
     return fit(key, x, spec).encode(x)
 
 

@@ -38,6 +38,21 @@ class Layout:
         "block" (consecutive blocks of ``group_size`` values of the flattened array).
       axes: the channel axes (kind "channel") or the grouped axis (kind "group"), non-negative.
       group_size: block length for kind "group".
+
+    Examples:
+      >>> import jax.numpy as jnp, distq
+      >>> x = jnp.ones((4, 6))
+      >>> distq.quantize(x, distq.Uniform(bits=4, axis=0)).layout  # one scale per row
+      Layout(kind='channel', axes=(0,), group_size=None)
+      >>> q = distq.quantize(x, distq.Uniform(bits=4, group_size=3))  # blocks of 3 along -1
+      >>> q.layout, q.layout.num_groups(x.shape), q.scale.shape
+      (Layout(kind='group', axes=(1,), group_size=3), 8, (8,))
+      >>> q.layout.to_rows(jnp.arange(24).reshape(4, 6))[:3].tolist()
+      [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+      >>> distq.Layout("group", (1,), 4).validate((4, 6))
+      Traceback (most recent call last):
+        ...
+      ValueError: layout group_size 4 does not divide 6
     """
 
     kind: str = "tensor"
@@ -438,7 +453,16 @@ def _optional(a):
 
 
 def is_qarray(x: Any) -> bool:
-    """``True`` for a :class:`QArray` (use as ``is_leaf`` in ``jax.tree`` functions)."""
+    """``True`` for a :class:`QArray` (use as ``is_leaf`` in ``jax.tree`` functions).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> tree = {"q": distq.quantize(jnp.ones((4, 4)), distq.NF4(group_size=8)), "b": jnp.ones(4)}
+      >>> distq.is_qarray(tree["q"]), distq.is_qarray(tree["b"])
+      (True, False)
+      >>> jax.tree.map(lambda x: x.shape, tree, is_leaf=distq.is_qarray)
+      {'b': (4,), 'q': (4, 4)}
+    """
     return isinstance(x, QArray)
 
 

@@ -55,7 +55,8 @@ def compute_dtype(dtype: Any, *arrays: Array | None):
     """``dtype``, or (when ``None``) the promoted dtype of the arrays that are not ``None``."""
     if dtype is not None:
         return jnp.dtype(dtype)
-    return jnp.result_type(*[a.dtype for a in arrays if a is not None])
+    with jax.numpy_dtype_promotion("standard"):  # the lattice, whatever the user's config
+        return jnp.result_type(*[a.dtype for a in arrays if a is not None])
 
 
 def model_size(model: Any) -> int:

@@ -240,7 +240,7 @@ class PQEmbed(PQBase):
         idx = jnp.where(idx < 0, idx + n, idx)
         valid = (idx >= 0) & (idx < n)
         idx = jnp.where(valid, idx, 0)
-        pos = idx[:, None] * self.m + jnp.arange(self.m, dtype=jnp.int32)
+        pos = idx[:, None] * self.m + jnp.arange(self.m, dtype=jnp.int32)[None, :]
         codes = bitpack.take(self.codes[...], self.bits, pos)
         dt = self._out_dtype()
         rot = value(self.rotation)
