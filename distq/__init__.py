@@ -4,6 +4,19 @@ The public API is the table below, one name a line. Every name loads on first us
 ``import distq`` costs almost nothing and ``distq --help`` answers before JAX is imported; the
 numerical core (:mod:`distq.core`) never imports Flax or optax, and the parts that do
 (:mod:`distq.nn`, :mod:`distq.checkpoint`, ...) load only when used.
+
+Examples:
+  >>> import jax, jax.numpy as jnp, distq
+  >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+  >>> q = distq.quantize(w, distq.Uniform(bits=4))  # one array, any registered spec
+  >>> q.nbytes, w.nbytes
+  (1028, 8192)
+  >>> params = {"dense": {"kernel": w, "bias": jnp.zeros(32)}}
+  >>> qparams, report = distq.quantize_tree(params, [(".*kernel", "int:4"), (".*bias", None)])
+  >>> distq.tree_nbytes(qparams), round(report.ratio, 2)  # a whole tree, by path rules
+  (1156, 7.2)
+  >>> distq.dequantize_tree(qparams)["dense"]["kernel"].shape
+  (64, 32)
 """
 
 from __future__ import annotations
@@ -37,17 +50,17 @@ _API: dict[str, tuple[str, str | None]] = {
     "train": (".train", None),
     "tree": (".tree", None),
     "distill": (".distill", None),
-    "Cast": (".core.cast", "Cast"),
+    "Cast": (".core.specs", "Cast"),
     "CastArray": (".core.cast", "CastArray"),
-    "PQ": (".core.pq", "PQ"),
+    "PQ": (".core.specs", "PQ"),
     "PQArray": (".core.pq", "PQArray"),
     "Layout": (".core.qarray", "Layout"),
     "QArray": (".core.qarray", "QArray"),
     "is_qarray": (".core.qarray", "is_qarray"),
-    "NF4": (".core.scalar", "NF4"),
-    "Scalar": (".core.scalar", "Scalar"),
-    "Uniform": (".core.scalar", "Uniform"),
-    "nf4_levels": (".core.scalar", "nf4_levels"),
+    "NF4": (".core.specs", "NF4"),
+    "Scalar": (".core.specs", "Scalar"),
+    "Uniform": (".core.specs", "Uniform"),
+    "nf4_levels": (".core.specs", "nf4_levels"),
     "dequantize": (".core.api", "dequantize"),
     "is_quantized": (".core.spec", "is_quantized"),
     "parse_spec": (".core.spec", "parse_spec"),
@@ -81,17 +94,17 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .core import kmeans as kmeans
     from .core import pq as pq
     from .core import search as search
-    from .core.cast import Cast as Cast
+    from .core.specs import Cast as Cast
     from .core.cast import CastArray as CastArray
-    from .core.pq import PQ as PQ
+    from .core.specs import PQ as PQ
     from .core.pq import PQArray as PQArray
     from .core.qarray import Layout as Layout
     from .core.qarray import QArray as QArray
     from .core.qarray import is_qarray as is_qarray
-    from .core.scalar import NF4 as NF4
-    from .core.scalar import Scalar as Scalar
-    from .core.scalar import Uniform as Uniform
-    from .core.scalar import nf4_levels as nf4_levels
+    from .core.specs import NF4 as NF4
+    from .core.specs import Scalar as Scalar
+    from .core.specs import Uniform as Uniform
+    from .core.specs import nf4_levels as nf4_levels
     from .core.api import dequantize as dequantize
     from .core.spec import is_quantized as is_quantized
     from .core.spec import parse_spec as parse_spec

@@ -76,12 +76,11 @@ class Calibration:
     Examples:
       >>> import jax, distq
       >>> from distq.calibrate import Calibration
-      >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
-      >>> x = jax.random.normal(jax.random.key(1), (64, 16))
-      >>> opts = Calibration(damp=0.1, block=8, sequential=True)
-      >>> q, report = distq.quantize_tree(params, distq.Uniform(bits=4),
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 16))}
+      >>> x = jax.random.normal(jax.random.key(1), (256, 32))
+      >>> q, report = distq.quantize_tree(params, distq.Uniform(bits=3),
       ...                                 calibration=(lambda p, x: x @ p["w"], (x,)),
-      ...                                 calibration_options=opts)
+      ...                                 calibration_options=Calibration(sequential=True))
       >>> report.leaves[0].note
       'calibrated'
       >>> Calibration(block=0)

@@ -92,8 +92,8 @@ def _quoted(text: str) -> str:
 
 # ----------------------------------------------------------------------------------- specs
 def _spec_module():
-    """:mod:`distq.core.spec` with the built-in spec kinds registered (imports JAX)."""
-    from .core import cast, pq, scalar  # noqa: F401 (importing them registers their kinds)
+    """:mod:`distq.core.spec`: the registry and the text grammar (no JAX: the built-in specs
+    are plain dataclasses, their quantisers load when work starts)."""
     from .core import spec
 
     return spec

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .core import spec as _spec
-from .core.scalar import INPUT_AXIS
+from .core.specs import INPUT_AXIS
 
 Rules = Any  # Sequence[tuple[str, Spec | str | None]] | Callable[[str, Any], Spec | None] | Spec
 

@@ -614,13 +614,6 @@ def test_user_errors_are_one_line(argv, code, bad_files, st_file, capsys):
     assert not (bad_files / "o.distq").exists()
 
 
-def test_doctests():
-    import doctest
-
-    failures, tried = doctest.testmod(cli)
-    assert failures == 0 and tried >= 2
-
-
 def test_demo_dispatch(monkeypatch, capsys):
     from distq import demo
 

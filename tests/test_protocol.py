@@ -296,3 +296,13 @@ def test_import_is_light_and_loads_no_flax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert float(out.stdout) < 0.2
+
+
+def test_specs_build_and_parse_without_jax():
+    """Specs are plain configuration: the command line checks rules before loading JAX."""
+    code = ("import sys, distq; from distq.core import spec; "
+            "s = spec.parse_spec('scalar:3,group=64'); p = distq.PQ(m=8); "
+            "assert spec.spec_str(s) == 'scalar:3,group_size=64', spec.spec_str(s); "
+            "assert 'jax' not in sys.modules and 'scipy.special' not in sys.modules; "
+            "import distq.core.specs as S; assert S.KMeans(k=4).trials == 3")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -133,6 +133,15 @@ def take_rows(arr: P.PQArray, rows: Any) -> np.ndarray:
 
     Only those rows are decoded, in one jitted gather; the row count is padded up to a power of
     two so that varying counts reuse a few compilations.
+
+    Examples:
+      >>> import numpy as np
+      >>> from distq.compat import quantitize, take_rows
+      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=5)
+      >>> rows = take_rows(q.array, [[0, 5], [7, 0]])
+      >>> rows.shape, rows.dtype, bool((rows[1, 1] == q[0]).all())
+      ((2, 2, 40), dtype('float32'), True)
     """
     rows = np.asarray(rows, np.int64)
     flat = rows.reshape(-1)
@@ -162,12 +171,12 @@ class Quantitized:
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize
-      >>> x = np.random.default_rng(0).random((1000, 40), dtype=np.float32)
-      >>> q = quantitize(x, sub_size=5, n_cluster=16)
-      >>> q.shape, q.dtype, q.nbytes        # 5 codes of 4 bits per row + 5 x 16 x 8 floats
-      ((1000, 40), dtype('float32'), 5060)
+      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=5)
+      >>> q.shape, q.dtype, q.nbytes        # 5 codes of 8 bits per row + 5 x 256 x 8 floats
+      ((1024, 40), dtype('float32'), 46080)
       >>> q[3].shape, q[[0, 2]].shape, np.asarray(q).shape
-      ((40,), (2, 40), (1000, 40))
+      ((40,), (2, 40), (1024, 40))
     """
 
     array: P.PQArray
@@ -320,6 +329,19 @@ class Quantitized:
 
         Everything is stored bit-exactly: the packed code words, codebooks, rotation and the
         quantiser's training statistics.
+
+        Examples:
+          >>> import os, tempfile, numpy as np
+          >>> from distq.compat import Quantitized, quantitize
+          >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
+          >>> q = quantitize(x, sub_size=5)
+          >>> folder = tempfile.TemporaryDirectory()
+          >>> f = os.path.join(folder.name, "vectors.npz")
+          >>> q.save(f)
+          >>> r = Quantitized.load(f)
+          >>> bool((np.asarray(r) == np.asarray(q)).all())
+          True
+          >>> folder.cleanup()
         """
         arrays = pq_arrays("", self.array)
         arrays["inertia"] = np.asarray(self.quantizer.inertia)
@@ -393,16 +415,16 @@ def quantitize(matrix: Any, sub_size: int = 8, n_cluster: int = 256, n_iter: int
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize
-      >>> x = np.random.default_rng(0).standard_normal((4096, 60)).astype(np.float32)
-      >>> q = quantitize(x, sub_size=20)            # 20 parts of 3 values, 256 centroids each
+      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=5)             # 5 parts of 8 values, 256 centroids each
       >>> q.indexes.dtype, bool(q.indexes.max() > 127)   # unsigned: codes above 127 are fine
       (dtype('uint8'), True)
-      >>> q.nbytes == 4096 * 20 + 20 * 256 * 3 * 4       # 1 byte per code + float32 codebooks
+      >>> q.nbytes == 1024 * 5 + 5 * 256 * 8 * 4         # 1 byte per code + float32 codebooks
       True
       >>> quantitize(x, sub_size=7)
       Traceback (most recent call last):
       ...
-      ValueError: sub_size=7 sub-spaces must divide the row length D=60
+      ValueError: sub_size=7 sub-spaces must divide the row length D=40
     """
     matrix = _as_float_matrix(matrix, "matrix")
     n, dim = (int(s) for s in matrix.shape)
@@ -522,10 +544,10 @@ def compression_report(original: Any, compressed: Any, vocab: Any = None, *,
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize, compression_report
-      >>> x = np.random.default_rng(0).standard_normal((2048, 32)).astype(np.float32)
-      >>> r = compression_report(x, quantitize(x, sub_size=8), vocab=[f"w{i}" for i in range(2048)])
+      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
+      >>> r = compression_report(x, quantitize(x, sub_size=5), vocab=[f"w{i}" for i in range(1024)])
       >>> round(r.ratio, 1), r.seed_style_nbytes > r.nbytes, 0.8 < r.mean_cosine < 1
-      (5.3, True, True)
+      (3.6, True, True)
     """
     x = np.asarray(original)
     if x.ndim != 2:

@@ -2,11 +2,8 @@
 protocols and the quantisers themselves.
 
 Nothing here imports Flax, optax, checkpoints or the command line: those integrations build on
-the core (``distq.tree``, ``distq.calibrate``, ``distq.nn``, ``distq.checkpoint``, ...).
+the core (``distq.tree``, ``distq.calibrate``, ``distq.nn``, ``distq.checkpoint``, ...). The specs
+(:mod:`distq.core.specs`) and the registry (:mod:`distq.core.spec`) do not import JAX either;
+the registry loads the built-in quantisers by name when it first needs them.
 """
 
-# importing the built-in quantisers registers them (spec.register): any import of distq.core.*
-# sees every built-in spec and leaf type
-from . import cast as cast  # noqa: E402
-from . import pq as pq  # noqa: E402
-from . import scalar as scalar  # noqa: E402

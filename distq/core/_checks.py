@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import numbers
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
 def is_concrete(x) -> bool:
     """``False`` for values that are being traced (inside ``jit``/``vmap``)."""
+    import jax  # noqa: PLC0415 (specs validate their fields without JAX)
+
     return not isinstance(x, jax.core.Tracer)
 
 
 def as_float_array(x, name: str = "x") -> jax.Array:
     """Converts to a JAX array and checks dtype, emptiness and (when concrete) finiteness."""
+    import jax  # noqa: PLC0415 (specs validate their fields without JAX)
+    import jax.numpy as jnp  # noqa: PLC0415
+    import ml_dtypes  # noqa: PLC0415
+
     if hasattr(x, "__array_namespace__") or isinstance(x, (np.ndarray, jax.Array)):
         pass
     elif isinstance(x, (list, tuple, numbers.Number)):
@@ -23,7 +27,7 @@ def as_float_array(x, name: str = "x") -> jax.Array:
     elif hasattr(x, "numpy") and hasattr(x, "detach"):  # a torch tensor
         x = x.detach().cpu().numpy()
     dt = np.dtype(getattr(x, "dtype", np.float32))
-    if not np.issubdtype(dt, np.floating) and dt != jnp.bfloat16:
+    if not np.issubdtype(dt, np.floating) and dt != ml_dtypes.bfloat16:
         raise TypeError(f"{name} must have a floating-point dtype, got {dt}")
     if int(np.prod(np.shape(x))) == 0:
         raise ValueError(f"{name} is empty (shape {tuple(np.shape(x))}); nothing to quantise")
@@ -43,6 +47,16 @@ def check_bits(bits, name: str = "bits", lo: int = 1, hi: int = 16) -> int:
     if not lo <= int(bits) <= hi:
         raise ValueError(f"{name} must be in {lo}..{hi}, got {bits}")
     return int(bits)
+
+
+def check_int(value, name: str, lo: int, hi: int | None = None) -> int:
+    """An int (not a bool) in ``lo..hi`` (``hi=None``: no upper bound), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        span = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name} must be {span}, got {value}")
+    return int(value)
 
 
 def check_choice(value, name: str, allowed) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from . import _checks
-from .scalar import Scalar
+from .specs import Scalar
 from .spec import check_spec, is_quantized, is_spec, leaf_types, spec_str
 
 
@@ -32,12 +32,12 @@ def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
 
     Examples:
       >>> import numpy as np, distq
-      >>> x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+      >>> x = np.random.default_rng(0).standard_normal(60_000).astype(np.float32)
       >>> q = distq.quantize(x, distq.Scalar(bits=4, objective="mse"))
       >>> round(float(((np.asarray(q.dequantize()) - x) ** 2).mean()), 4)
       0.0096
       >>> m = np.random.default_rng(1).standard_normal((512, 32)).astype(np.float32)
-      >>> type(distq.quantize(m, distq.PQ(m=8, bits=4))).__name__
+      >>> type(distq.quantize(m, distq.PQ(m=4, bits=4))).__name__
       'PQArray'
     """
     spec = Scalar() if spec is None else spec

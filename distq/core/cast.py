@@ -10,47 +10,9 @@ import jax
 import numpy as np
 
 from . import _checks
+from . import spec as _spec
 from .leaf import arrays_nbytes
-from .spec import register
-
-_CAST_DTYPES = ("bfloat16", "float16", "float32")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cast:
-    """Mixed precision as a rule: store the leaf in a narrower float dtype.
-
-    Examples:
-      >>> import jax.numpy as jnp, distq
-      >>> c = distq.quantize(jnp.ones((4, 4)), distq.Cast("bfloat16"))
-      >>> c.nbytes, c.dequantize().dtype
-      (32, dtype('float32'))
-    """
-
-    kind: ClassVar[str] = "cast"
-    positional: ClassVar[tuple[str, ...]] = ("dtype",)
-
-    dtype: str = "bfloat16"
-
-    def __post_init__(self):
-        _checks.check_choice(self.dtype, "dtype", _CAST_DTYPES)
-
-    def quantize(self, x: jax.Array, *, key: jax.Array | None = None) -> "CastArray":
-        """``x`` stored as ``dtype`` (``key`` is unused)."""
-        del key
-        return CastArray(value=x.astype(self.dtype), dtype=str(x.dtype))
-
-    def resolve(self, shape: tuple[int, ...], role: str | None = None) -> "Cast":
-        del shape, role
-        return self
-
-    def problem(self, shape: tuple[int, ...]) -> str | None:
-        del shape
-        return None
-
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        return math.prod(shape) * jax.numpy.dtype(self.dtype).itemsize
-
+from .specs import Cast
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -124,4 +86,10 @@ class CastArray:
         return f"CastArray(shape={self.shape}, stored={self.value.dtype}, dtype={self.dtype})"
 
 
-register(Cast, CastArray)
+def _cast(x: jax.Array, spec: Cast, key: Any = None) -> CastArray:
+    del key
+    return CastArray(value=x.astype(spec.dtype), dtype=str(x.dtype))
+
+
+_spec.register_leaf(CastArray)
+_spec.register_quantizer(Cast, _cast)

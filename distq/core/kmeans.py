@@ -57,105 +57,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks
-
-_INITS = ("greedy", "kmeans++", "random")
-
-
-@dataclasses.dataclass(frozen=True)
-class KMeans:
-    """How to run k-means (frozen and hashable: a static argument of the jitted functions).
-
-    Attributes:
-      k: number of centroids.
-      iters: budget of Lloyd iterations, coarse ones included (the loop is traced once
-        whatever the budget).
-      coarse_iters: the first this many iterations run on every fourth training row, when that
-        leaves at least ``32 * k`` rows (otherwise every iteration uses the whole sample);
-        ``0`` turns this off.
-      tol: stop early once an iteration lowers the inertia by less than ``tol`` times its value
-        (``0.0``: run all ``iters`` unless the assignment stops changing).
-      init: "greedy" (greedy k-means++, the default), "kmeans++" (one candidate per centre) or
-        "random" (``k`` distinct random rows, as faiss and most PQ code do).
-      seed_trials: candidates per centre for "greedy"; ``None`` means ``2 + floor(ln k)``.
-      restarts: independent seedings + refinements; the one with the lowest inertia is kept.
-      sample: at most this many rows train the centroids; ``None`` means ``512 * k``.
-      seed_sample: at most this many of the training rows seed the centroids; ``None`` means
-        ``32 * k``. Seeding costs ``k * trials * seed_sample * d`` multiply-adds, so this bounds
-        it; the Lloyd iterations then use the whole training sample.
-      seed_score: greedy candidates are scored (the potential they remove) on this many
-        seeding rows drawn in proportion to their squared distance to the centres so far
-        (importance sampling, redrawn every 32 centres), or on every row if there are no more
-        than that; ``None`` means 256. The D^2 sampling and the running distances always use
-        every seeding row.
-      block: rows per block of the assignment (any value gives the same result).
-      verbose: print the inertia of every iteration (``jax.debug.callback``), per problem.
-
-    Examples:
-      >>> import jax
-      >>> from distq import kmeans as km
-      >>> cfg = km.KMeans(k=8)
-      >>> cfg.trials
-      4
-    """
-
-    k: int
-    iters: int = 20
-    coarse_iters: int = 10
-    tol: float = 1e-4
-    init: str = "greedy"
-    seed_trials: int | None = None
-    restarts: int = 1
-    sample: int | None = None
-    seed_sample: int | None = None
-    seed_score: int | None = None
-    block: int = 4096
-    verbose: bool = False
-
-    def __post_init__(self):
-        _check_int(self.k, "k", 1)
-        _check_int(self.iters, "iters", 0)
-        _check_int(self.coarse_iters, "coarse_iters", 0)
-        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or self.tol < 0:
-            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
-        _checks.check_choice(self.init, "init", _INITS)
-        if self.seed_trials is not None:
-            _check_int(self.seed_trials, "seed_trials", 1)
-        _check_int(self.restarts, "restarts", 1)
-        if self.sample is not None:
-            _check_int(self.sample, "sample", 1)
-        if self.seed_sample is not None:
-            _check_int(self.seed_sample, "seed_sample", 1)
-        if self.seed_score is not None:
-            _check_int(self.seed_score, "seed_score", 1)
-        _check_int(self.block, "block", 1)
-
-    @property
-    def trials(self) -> int:
-        """Candidates per centre of greedy seeding: ``seed_trials`` or ``2 + floor(ln k)``."""
-        if self.init != "greedy":
-            return 1
-        if self.seed_trials is not None:
-            return self.seed_trials
-        return 2 + int(math.log(self.k))
-
-    def sample_size(self, n: int) -> int:
-        """Training rows used out of ``n``."""
-        return min(n, 512 * self.k if self.sample is None else self.sample)
-
-    def coarse_stride(self, n: int) -> int:
-        """Row stride of the coarse iterations on ``n`` training rows (1: no coarse stage)."""
-        if self.coarse_iters == 0 or self.iters == 0 or -(-n // 4) < 32 * self.k:
-            return 1
-        return 4
-
-    def seed_size(self, n: int) -> int:
-        """Seeding rows used out of ``n`` training rows."""
-        return min(n, 32 * self.k if self.seed_sample is None else self.seed_sample)
-
-    def score_size(self, n: int) -> int:
-        """Rows that score greedy candidates out of ``n`` seeding rows."""
-        return min(n, 256 if self.seed_score is None else self.seed_score)
-
+from .specs import KMeans
 
 class KMeansResult(NamedTuple):
     """What :func:`fit` returns (a leading batch axis when the input had one).
@@ -169,13 +71,6 @@ class KMeansResult(NamedTuple):
     centroids: jax.Array
     inertia: jax.Array
     iters: jax.Array
-
-
-def _check_int(v, name: str, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
 
 
 # ------------------------------------------------------------------------------- assignment
@@ -518,7 +413,7 @@ def seed(key: jax.Array, x: jax.Array, k: int, trials: int | None = None,
       >>> sorted(c[:, 0].tolist())
       [0.0, 10.0]
     """
-    _checks.check_choice(init, "init", _INITS)
+    _checks.check_choice(init, "init", ("greedy", "kmeans++", "random"))
     if trials is None:
         trials = 2 + int(math.log(k)) if init == "greedy" else 1
     x = jnp.asarray(x, jnp.float32)

@@ -411,6 +411,39 @@ class QArray:
                 raise ValueError(f"QArray.outlier_value must have shape ({k},)")
 
 
+def layout_for(spec, shape: tuple[int, ...]) -> Layout:
+    """The :class:`Layout` a spec gives an array of ``shape`` (validates divisibility)."""
+    ndim = len(shape)
+    axis = getattr(spec, "axis", None)
+    gs = getattr(spec, "group_size", None)
+    if gs is not None:
+        if spec.group_axis is None:
+            size = math.prod(shape)
+            if size % gs:
+                raise ValueError(
+                    f"group_size={gs} does not divide the array's {size} values; choose a divisor"
+                )
+            return Layout("block", (), gs)
+        a = spec.group_axis
+        if not -ndim <= a < ndim:
+            raise ValueError(f"group_axis={a} is out of range for an array of rank {ndim}")
+        a %= ndim
+        if shape[a] % gs:
+            raise ValueError(
+                f"group_size={gs} does not divide axis {a} of length {shape[a]}; choose a divisor "
+                "or group_axis=None for blocks of the flattened array"
+            )
+        return Layout("group", (a,), gs)
+    if axis is not None:
+        axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+        for a in axes:
+            if not -ndim <= a < ndim:
+                raise ValueError(f"axis={axis} is out of range for an array of rank {ndim}")
+        axes = tuple(sorted({int(a) % ndim for a in axes}))
+        return Layout("channel", axes)
+    return Layout("tensor")
+
+
 def _split_bits(bits: int) -> tuple[int, int]:
     return min(bits, 16), max(bits - 16, 0)
 

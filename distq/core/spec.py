@@ -27,13 +27,26 @@ the leaf protocol is :class:`distq.core.leaf.Leaf`, and the entry points :func:`
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
-import jax
+if TYPE_CHECKING:
+    import jax
 
 _SPECS: dict[str, type] = {}  # kind and aliases -> spec class
 _LEAVES: dict[str, type] = {}  # kind -> leaf class
+_QUANTIZERS: dict[type, Callable] = {}  # built-in spec class -> quantiser(x, spec, key)
+
+# the built-ins, loaded by name the first time the registry needs them: the specs (no JAX), and
+# the quantisers with their leaf types (JAX); naming them here keeps the import graph acyclic
+_BUILTIN_SPECS = "distq.core.specs"
+_BUILTIN_IMPLS = ("distq.core.scalar", "distq.core.pq", "distq.core.cast")
+
+
+def _load(modules) -> None:
+    for name in (modules,) if isinstance(modules, str) else modules:
+        importlib.import_module(name)
 
 
 @runtime_checkable
@@ -88,12 +101,44 @@ def register(spec_cls: type, leaf_cls: type) -> None:
       >>> "halve" in distq.core.spec.spec_kinds()
       False
     """
-    for cls, what in ((spec_cls, "spec"), (leaf_cls, "leaf")):
-        if not isinstance(getattr(cls, "kind", None), str):
-            raise TypeError(f"{what} class {cls.__name__} needs a str class attribute 'kind'")
+    register_spec(spec_cls)
+    register_leaf(leaf_cls)
+
+
+def _check_kind(cls: type, what: str) -> None:
+    if not isinstance(getattr(cls, "kind", None), str):
+        raise TypeError(f"{what} class {cls.__name__} needs a str class attribute 'kind'")
+
+
+def register_spec(spec_cls: type) -> None:
+    """Registers a spec class under its ``kind`` and ``kind_aliases``."""
+    _check_kind(spec_cls, "spec")
     for name in (spec_cls.kind, *getattr(spec_cls, "kind_aliases", ())):
         _SPECS[name] = spec_cls
+
+
+def register_leaf(leaf_cls: type) -> None:
+    """Registers a leaf class under its ``kind`` (checkpoints find it by that name)."""
+    _check_kind(leaf_cls, "leaf")
+    if not isinstance(getattr(leaf_cls, "array_fields", None), tuple):
+        raise TypeError(f"leaf class {leaf_cls.__name__} needs a tuple 'array_fields'")
     _LEAVES[leaf_cls.kind] = leaf_cls
+
+
+def register_quantizer(spec_cls: type, fn: Callable) -> None:
+    """Registers ``fn(x, spec, key) -> leaf`` as the quantiser of a spec class whose
+    ``quantize`` method delegates here (the built-ins: their specs are free of JAX)."""
+    _QUANTIZERS[spec_cls] = fn
+
+
+def quantizer(spec_cls: type) -> Callable:
+    """The registered quantiser of a spec class (loading the built-in ones on first use)."""
+    if spec_cls not in _QUANTIZERS:
+        _load(_BUILTIN_IMPLS)
+    try:
+        return _QUANTIZERS[spec_cls]
+    except KeyError:
+        raise TypeError(f"no quantiser is registered for {spec_cls.__name__}") from None
 
 
 def unregister(spec_cls: type) -> None:
@@ -104,6 +149,7 @@ def unregister(spec_cls: type) -> None:
 
 def spec_types() -> tuple[type, ...]:
     """The registered spec classes."""
+    _load(_BUILTIN_SPECS)
     return tuple(dict.fromkeys(_SPECS.values()))
 
 
@@ -114,6 +160,8 @@ def leaf_types() -> tuple[type, ...]:
 
 def leaf_class(kind: str) -> type | None:
     """The leaf class registered under ``kind`` (``None`` if there is none)."""
+    if kind not in _LEAVES:
+        _load(_BUILTIN_IMPLS)
     return _LEAVES.get(kind)
 
 
@@ -127,6 +175,7 @@ def spec_kinds() -> tuple[str, ...]:
       >>> leaf_class("qarray").__name__, leaf_class("nothing")
       ('QArray', None)
     """
+    _load(_BUILTIN_SPECS)
     return ("none", "keep", *_SPECS)
 
 
@@ -302,6 +351,7 @@ def parse_spec(text: str) -> Any:
         if pos or any(opts):
             raise SpecSyntaxError(f"{where}: '{kind}' takes no arguments or options")
         return None
+    _load(_BUILTIN_SPECS)
     cls = _SPECS.get(kind)
     if cls is None:
         raise SpecSyntaxError(f"{where}: unknown kind {kind!r}; expected one of {kinds} "
