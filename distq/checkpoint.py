@@ -335,6 +335,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     Raises:
       ValueError: ``path`` is empty, a directory, a device, a FIFO or anything else that is
         not a regular file, or its folder does not exist.
+
+    Examples:
+      >>> import os, tempfile
+      >>> from distq.checkpoint import atomic_write
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "notes.txt")
+      >>> atomic_write(f, lambda fh: fh.write(b"first"))
+      >>> def fail(fh):
+      ...     fh.write(b"half of the sec")
+      ...     raise RuntimeError("interrupted")
+      >>> atomic_write(f, fail)
+      Traceback (most recent call last):
+        ...
+      RuntimeError: interrupted
+      >>> with open(f, "rb") as fh:  # the old file, and no temporary file left
+      ...     print(fh.read(), os.listdir(folder.name))
+      b'first' ['notes.txt']
+      >>> atomic_write(folder.name, lambda fh: None)
+      Traceback (most recent call last):
+        ...
+      ValueError: ...
+      >>> folder.cleanup()
     """
     path = os.fspath(path)
     target, st = _write_target(path)
@@ -402,7 +424,7 @@ def save(path: str | os.PathLike, tree: Any, *, report: Any = None,
     Examples:
       >>> import os, tempfile, jax, distq
       >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
-      >>> q, _ = distq.quantize_tree(params, distq.Scalar(bits=4))
+      >>> q, _ = distq.quantize_tree(params, distq.Uniform(bits=4))
       >>> folder = tempfile.TemporaryDirectory()
       >>> f = os.path.join(folder.name, "model.distq")
       >>> size = distq.save(f, q)

@@ -61,14 +61,28 @@ def path_str(path) -> str:
 
 
 def leaves_with_paths(tree) -> tuple[list[tuple[str, Any]], Any]:
-    """``([(path, leaf), ...], treedef)``; quantised leaves are kept whole."""
+    """``([(path, leaf), ...], treedef)``; quantised leaves are kept whole.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> q = distq.quantize(jnp.ones((4, 4)), distq.Uniform(bits=4))
+      >>> tree = {"params": {"Dense_0": {"kernel": q}}, "rng": jax.random.key(0), "step": 3}
+      >>> [(path, distq.is_quantized(leaf)) for path, leaf in leaves_with_paths(tree)[0]]
+      [('params/Dense_0/kernel', True), ('rng', False), ('step', False)]
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_spec.is_quantized)
     return [(path_str(p), leaf) for p, leaf in flat], treedef
 
 
 def leaf_role(path: str) -> str:
     """What a parameter is, by its name: ``"kernel"`` (Flax Dense/Conv), ``"weight"`` (PyTorch
-    Linear/Conv/Embedding state dicts), ``"embedding"`` (Flax Embed) or ``"matrix"``."""
+    Linear/Conv/Embedding state dicts), ``"embedding"`` (Flax Embed) or ``"matrix"``.
+
+    Examples:
+      >>> [leaf_role(p) for p in ("params/Dense_0/kernel", "encoder.layer.0.weight",
+      ...                         "Embed_0/embedding", "w")]
+      ['kernel', 'weight', 'embedding', 'matrix']
+    """
     parts = [p for p in re.split(r"[/.]", path) if p not in ("value", "raw_value")]
     name = parts[-1].lower() if parts else ""
     return name if name in INPUT_AXIS else "matrix"
@@ -82,7 +96,15 @@ def is_key(leaf) -> bool:
 
 
 def is_float(leaf) -> bool:
-    """``True`` for a floating-point array (or ``ShapeDtypeStruct``)."""
+    """``True`` for a floating-point array (or ``ShapeDtypeStruct``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> is_float(jnp.ones(2)), is_float(jax.ShapeDtypeStruct((2,), jnp.bfloat16))
+      (True, True)
+      >>> is_float(jnp.arange(3)), is_float(jax.random.key(0)), is_key(jax.random.key(0))
+      (False, False, True)
+    """
     dt = getattr(leaf, "dtype", None)
     if dt is None or not hasattr(leaf, "shape") or is_key(leaf):
         return False
@@ -90,7 +112,15 @@ def is_float(leaf) -> bool:
 
 
 def leaf_nbytes(leaf) -> int:
-    """True storage of one leaf: packed codes for quantised ones, key data for PRNG keys."""
+    """True storage of one leaf: packed codes for quantised ones, key data for PRNG keys.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, distq
+      >>> leaf_nbytes(jnp.ones((3, 2))), leaf_nbytes(jax.random.key(0)), leaf_nbytes("text")
+      (24, 8, 0)
+      >>> leaf_nbytes(distq.quantize(jnp.ones((8, 8)), distq.Uniform(bits=4)))  # codes + scale
+      36
+    """
     if _spec.is_quantized(leaf):
         return int(leaf.nbytes)
     if is_key(leaf):
@@ -192,8 +222,28 @@ class LeafPlan:
         return 8.0 * self.bytes_after / max(math.prod(self.shape), 1)
 
 
+class ByteTotals:
+    """Totals over ``self.leaves`` (rows with ``bytes_before``, ``bytes_after`` and ``spec``)."""
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.leaves)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.leaves)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / max(self.bytes_after, 1)
+
+    def quantized(self) -> tuple:
+        """The rows that get (or got) a spec."""
+        return tuple(r for r in self.leaves if r.spec is not None)
+
+
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(ByteTotals):
     """Every leaf's resolved spec, the rules that matched nothing, and every problem.
 
     Made by :func:`plan`; consumed by :func:`distq.quantize_tree` (pass it as ``rules``),
@@ -245,22 +295,6 @@ class Plan:
             raise ValueError("; ".join(lines) if len(lines) == 1 else
                              f"{len(lines)} problems:\n  " + "\n  ".join(lines))
         return self
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.leaves)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.leaves)
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_before / max(self.bytes_after, 1)
-
-    def quantized(self) -> tuple[LeafPlan, ...]:
-        """The leaves that get a spec."""
-        return tuple(r for r in self.leaves if r.spec is not None)
 
     def table(self) -> str:
         """One row per leaf (path, rule, spec, shape, bytes before and after, note)."""

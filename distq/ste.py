@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +43,12 @@ def fake_quantize(x: jax.Array, spec, clip: bool = True) -> jax.Array:
     changes nothing). Jittable; the codebook/scales are refitted on every call (no gradient
     flows through the fit).
 
+    Non-finite values (NaN, ±inf) follow :func:`distq.quantize`'s policy under ``jit`` or
+    ``vmap``: they are left out of the statistics and the fit, so every finite value comes out
+    exactly as it would without them (however many there are), they come out as NaN, and their
+    gradient is 0. Where the values reach the quantiser concretely (no ``jit``/``vmap``;
+    ``grad`` alone does not trace them) they raise a ``ValueError``, as ``quantize`` does.
+
     Examples:
       >>> import jax, jax.numpy as jnp, distq
       >>> x = jax.random.normal(jax.random.key(0), (64, 64))
@@ -58,12 +66,18 @@ def fake_quantize(x: jax.Array, spec, clip: bool = True) -> jax.Array:
     x = jnp.asarray(x)
     xs = jax.lax.stop_gradient(x)
     q = spec.resolve(tuple(xs.shape)).quantize(xs)
-    xq = jax.lax.stop_gradient(q.dequantize(x.dtype))
+    if isinstance(q, QArray) and q.nonfinite is not None:
+        # decode every finite value (a group marked for unrecorded non-finite values keeps its
+        # scale's magnitude); NaN exactly where x is not finite
+        q = dataclasses.replace(q, scale=jnp.abs(q.scale), nonfinite=None)
+    xq = jnp.where(jnp.isfinite(xs), q.dequantize(x.dtype), jnp.nan).astype(x.dtype)
+    xq = jax.lax.stop_gradient(xq)
     if not clip or not isinstance(q, QArray):
-        return xq + (x - xs)
+        mask = jax.lax.stop_gradient(jnp.isfinite(xs).astype(x.dtype))  # non-finite: 0
+        return xq + mask * jnp.where(jnp.isfinite(xs), x - xs, 0.0).astype(x.dtype)
     lo, hi = representable_range(q)
     mask = jax.lax.stop_gradient(((xs >= lo) & (xs <= hi)).astype(x.dtype))
-    return xq + mask * (x - xs)
+    return xq + mask * jnp.where(mask > 0, x - xs, 0.0).astype(x.dtype)
 
 
 def fake_quantize_tree(params, rules: _plan.Rules, *, clip: bool = True, masks=None):
@@ -75,7 +89,7 @@ def fake_quantize_tree(params, rules: _plan.Rules, *, clip: bool = True, masks=N
 
     Examples:
       >>> import jax, jax.numpy as jnp, distq
-      >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 16)), "b": jnp.ones(16)}
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 64)), "b": jnp.ones(64)}
       >>> rules = [("w", distq.Uniform(bits=4)), ("b", None)]
       >>> fq = distq.fake_quantize_tree(params, rules)
       >>> bool((fq["w"] == distq.quantize(params["w"], distq.Uniform(bits=4)).dequantize()).all())

@@ -42,7 +42,7 @@ class LeafReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeReport:
+class TreeReport(_plan.ByteTotals):
     """What :func:`quantize_tree` did: per leaf, totals and rules that matched nothing.
 
     ``rel_error`` is ``|x_hat - x|^2 / |x|^2`` per leaf (``None`` under ``jit``).
@@ -67,21 +67,6 @@ class TreeReport:
 
     leaves: tuple[LeafReport, ...]
     unused_rules: tuple[str, ...] = ()
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.leaves)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.leaves)
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_before / max(self.bytes_after, 1)
-
-    def quantized(self) -> tuple[LeafReport, ...]:
-        return tuple(r for r in self.leaves if r.spec is not None)
 
     def bits_per_weight(self, only_quantized: bool = True) -> float:
         """Average stored bits per value (scales and codebooks counted)."""

@@ -306,3 +306,16 @@ def test_specs_build_and_parse_without_jax():
             "assert 'jax' not in sys.modules and 'scipy.special' not in sys.modules; "
             "import distq.core.specs as S; assert S.KMeans(k=4).trials == 3")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_iteration_ends_and_out_of_range_rows_raise(spec):
+    x = _x((20, 16))
+    q = distq.quantize(x, spec)
+    assert len(q) == 20
+    rows = list(q)
+    assert len(rows) == 20
+    np.testing.assert_allclose(np.asarray(rows[-1]), np.asarray(q.dequantize())[-1], rtol=1e-6,
+                               atol=1e-6)
+    with pytest.raises(IndexError):
+        q.take(20)

@@ -540,7 +540,7 @@ def test_dtype_restored(dtype):
     expected = jnp.asarray(xin).dtype  # float64 numpy becomes float32 unless x64 is on
     for spec in (distq.Scalar(bits=3, refine=False, **_FIXED), distq.Uniform(), distq.NF4()):
         q = distq.quantize(xin, spec)
-        assert q.dtype == str(expected)
+        assert q.dtype == str(np.dtype(xin.dtype))  # the caller's dtype, float64 too
         y = q.dequantize()
         assert y.dtype == expected and y.shape == SHAPE2
         assert distq.dequantize(q).dtype == expected
@@ -819,7 +819,11 @@ def test_hypothesis_decodes_to_nearest_level(shape, spec, data):
         )
     )
     x = np.asarray(vals, np.float32).reshape(shape)
-    q = distq.quantize(x, spec)
+    try:
+        q = distq.quantize(x, spec)
+    except ValueError as e:  # only near float32's smallest numbers (see tests/test_extremes.py)
+        assert "cannot represent this array" in str(e) and np.abs(x).max() < 1e-30, str(e)
+        return
     c, y = _assert_valid(q, x)
     cb = _np(q.levels()).astype(np.float32)
     scale = _np(q.scale).astype(np.float32)

@@ -15,8 +15,13 @@ Deliberate differences from distquant 0.1.0 (its known defects):
 * ``zero`` works with ``k``: for the symmetric families an even ``n`` becomes ``n - 1`` levels, so
   the middle level is exactly ``zero`` (``info['n']`` says how many);
 * NaN/inf, empty, and integer input are rejected with a clear error; a constant input round-trips;
-* any memory layout (non-contiguous, any strides) is accepted, and ``dequantize`` restores the
-  input's floating dtype (``info['dtype']``);
+* any memory layout (non-contiguous, any strides, big-endian) is accepted, and ``dequantize``
+  restores the input's floating dtype (``info['dtype']``); the same values give the same codes,
+  ``scale`` and ``loc`` at any memory address (the statistics are summed in an order fixed by the
+  values' positions);
+* ``beta`` must be finite, in [1e-6, 1e6]; ``zero`` finite (and float32-representable);
+  ``dequantize`` checks ``info`` (``n`` in 2..65536, finite ``beta``/``loc``/``scale``, ...) and
+  names the key at fault;
 * results are NumPy arrays (``int64`` codes, packed or not) whatever the input's array type;
 * ``info['scale']`` is always a Python float (distquant returns a tensor for the Gumbel family).
 """
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ..core import _checks
 from ..core import _numerics as nx
 from ..core import bitpack
 from ..core import distributions as D
@@ -41,12 +47,17 @@ _ALIGN = 64  # XLA:CPU aliases host buffers aligned to this many bytes instead o
 _WORD_MAX_LEVELS = 32  # the word kernel's unrolled search serves fewer levels than this
 _SELECT_MAX_LEVELS = 32  # up to this many levels a select tree beats a gather
 _SPLIT_MIN = 1 << 16  # below this many values an aligned copy costs next to nothing
+_STAT_ROW = 1 << 12  # values per row of the statistics' sums
+_STAT_BLOCK = 1 << 18  # values per block of them (a shifted copy of one block at a time)
 
 
 def _to_host_float32(data: Any) -> tuple[np.ndarray, np.dtype, tuple[int, ...]]:
     if hasattr(data, "detach") and hasattr(data, "numpy"):  # torch tensor
         data = data.detach().cpu().numpy()
     arr = np.asarray(data)
+    if arr.dtype == object or arr.dtype.kind in "SU":
+        raise TypeError(f"data must be an array of floats (NumPy, JAX, torch, or nested lists "
+                        f"of numbers), got {type(data).__name__}")
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != jnp.bfloat16:
         raise TypeError(f"data must have a floating-point dtype, got {arr.dtype}")
     if arr.size == 0:
@@ -246,32 +257,84 @@ def _encode_generic(x, t, lv, *, k, packbits):
     return (_pack_generic(codes, k=k) if packbits else codes), err
 
 
+def _sums(flat: np.ndarray, shift=None) -> tuple[np.float32, np.float32]:
+    """``sum(x - shift)`` and ``sum((x - shift)**2)`` in float32, in an order fixed by the
+    values' positions alone: rows of ``_STAT_ROW`` values (a pairwise sum and an unrolled dot
+    product each), then a pairwise sum of the rows' sums. XLA's reductions over the parts of a
+    split input (its head, main part and tail follow the buffer's 64-byte alignment) would add
+    in an order that follows the address, and the same values would give statistics 1 ulp apart
+    at different addresses (and so different codebooks)."""
+    size = flat.size
+    whole = size // _STAT_ROW * _STAT_ROW
+    p1, p2 = [], []
+    spans = [(a, min(a + _STAT_BLOCK, whole)) for a in range(0, whole, _STAT_BLOCK)]
+    for start, stop in spans + ([(whole, size)] if whole < size else []):
+        v = flat[start:stop]
+        if shift is not None:
+            v = np.subtract(v, shift, dtype=np.float32)
+        if stop <= whole:
+            rows = v.reshape(-1, _STAT_ROW)
+            p1.append(np.add.reduce(rows, axis=1))
+            p2.append(np.einsum("ij,ij->i", rows, rows))
+        else:  # the last, partial row
+            p1.append(np.add.reduce(v, keepdims=True))
+            p2.append(np.einsum("i,i->", v, v).reshape(1))
+    return np.add.reduce(np.concatenate(p1)), np.add.reduce(np.concatenate(p2))
+
+
+def _moments(flat: np.ndarray) -> tuple[np.float32, np.float32]:
+    """Mean and standard deviation (``ddof=1``) of a float32 vector in float32 (see
+    :func:`_sums`), for data of any finite float32 magnitude: when the sum of squares leaves
+    float32's comfortable range (a spread below ~1e-19, whose squares lose their digits or
+    vanish, or above ~1e18, whose squares overflow), the statistics are taken again on the
+    values scaled by a power of two (exactly) and scaled back. A spread below float32's
+    normal range (1.2e-38), which XLA would flush to zero, is refused."""
+    mean, var = _plain_moments(flat)
+    if np.float32(2.0 ** -60) <= var * np.float32(flat.size) <= np.float32(2.0 ** 100):
+        return mean, np.sqrt(var, dtype=np.float32)
+    amax = np.max(np.abs(flat))
+    if not np.isfinite(amax) or amax == 0:
+        return mean, np.sqrt(var, dtype=np.float32)
+    e = int(np.frexp(amax)[1])
+    m1, v1 = _plain_moments(np.ldexp(flat, -e).astype(np.float32))
+    mean = np.float32(np.ldexp(m1, e))
+    std = np.float32(np.ldexp(np.sqrt(v1, dtype=np.float32), e))
+    if std < _checks.F32_TINY and np.max(flat) != np.min(flat):
+        raise ValueError(
+            f"data's spread (standard deviation {float(np.ldexp(np.sqrt(float(v1)), e)):.3g}) "
+            f"is below float32's normal range ({_checks.F32_TINY:.3g}; XLA flushes smaller "
+            "numbers to zero), so its levels cannot be represented: multiply the data by a "
+            "power of two first (and divide what dequantize returns by it)")
+    return mean, std
+
+
+def _plain_moments(flat: np.ndarray) -> tuple[np.float32, np.float32]:
+    """Mean and variance (``ddof=1``) in float32, as they come."""
+    size = np.float32(flat.size)
+    dof = np.float32(max(flat.size - 1, 1))
+    with np.errstate(all="ignore"):
+        # plain sums first; when the mean is large against the spread they cancel, and the sums
+        # are redone on values shifted by the mean of a strided sample
+        s1, s2 = _sums(flat)
+        mean = s1 / size
+        var = np.maximum(s2 - s1 * mean, np.float32(0.0)) / dof
+        if not mean * mean <= np.float32(1e-2) * var:
+            shift = np.mean(flat[:: max(1, flat.size // 4096)], dtype=np.float32)
+            t1, t2 = _sums(flat, shift)
+            mean = shift + t1 / size
+            var = np.maximum(t2 - t1 * t1 / size, np.float32(0.0)) / dof
+    return np.float32(mean), np.float32(var)
+
+
 @functools.partial(jax.jit, static_argnames=("dists", "n", "search", "zero"))
-def _run(parts, beta, *, dists, n, search, zero):
-    """Statistics, the search, and the chosen codebook's thresholds and levels (encoding is a
-    separate computation, so the thresholds reach it as arrays, not as per-element work).
+def _run(parts, beta, mean, std, *, dists, n, search, zero):
+    """The search, and the chosen codebook's thresholds and levels (encoding is a separate
+    computation, so the thresholds reach it as arrays, not as per-element work), from the
+    data's ``mean`` and ``std`` (:func:`_moments`).
 
-    ``parts`` is the data as one array, or as head, main part and tail (the statistics add up
-    over the parts; the search needs one array)."""
+    ``parts`` is the data as one array, or as head, main part and tail (the search needs one
+    array)."""
     x = max(parts, key=lambda p: p.shape[0])
-    size = sum(p.shape[0] for p in parts)
-    dof = max(size - 1, 1)
-    # plain sums first (one fast pass); when the mean is large against the spread they cancel,
-    # and the sums are redone on values shifted by the mean of a strided sample (slower: XLA:CPU
-    # does not fuse the shift into its vectorised reductions)
-    s1, s2 = sum(jnp.sum(p) for p in parts), sum(jnp.sum(p * p) for p in parts)
-    m = s1 / size
-    var = jnp.maximum(s2 - s1 * m, 0.0) / dof
-
-    def shifted(_):
-        shift = jnp.mean(x[:: max(1, x.shape[0] // 4096)])
-        t1 = sum(jnp.sum(p - shift) for p in parts)
-        t2 = sum(jnp.sum((p - shift) * (p - shift)) for p in parts)
-        return shift + t1 / size, jnp.maximum(t2 - t1 * t1 / size, 0.0) / dof
-
-    mean, var = jax.lax.cond(m * m <= 1e-2 * var, lambda _: (m, var), shifted, None)
-    std = jnp.sqrt(var)
-    finite = jnp.isfinite(mean) & jnp.isfinite(std)
     # constant input (distquant divides by zero here): scale 0 and location = the value itself,
     # so every level, and so every decoded value, is exactly that value. A constant has a
     # computed spread of zero or of rounding size against its mean (its sums take the shifted
@@ -282,7 +345,7 @@ def _run(parts, beta, *, dists, n, search, zero):
         lo = functools.reduce(jnp.minimum, [jnp.min(p, initial=jnp.inf) for p in parts])
         return hi == lo, hi
 
-    maybe_const = var <= 1e-4 * mean * mean + 1e-30
+    maybe_const = std * std <= 1e-4 * mean * mean + 1e-30
     const, hi = jax.lax.cond(maybe_const, constant, lambda _: (jnp.bool_(False), mean), None)
     offs, muls = [], []
     for d in dists:
@@ -299,7 +362,7 @@ def _run(parts, beta, *, dists, n, search, zero):
         row = col = jnp.int32(0)
     t, lv = cands.codebooks(row, beta)
     lv = _snap_zero(lv, zero)
-    return t, lv, row, col, offs[row], muls[row], finite
+    return t, lv, row, col, offs[row], muls[row]
 
 
 def _encode(parts, t, lv, k: int, packbits: bool, word_path: bool):
@@ -326,6 +389,57 @@ def _encode(parts, t, lv, k: int, packbits: bool, word_path: bool):
     return collect
 
 
+def _as_value_error(check, *args):
+    """A ``_checks`` validator whose ``TypeError`` becomes a ``ValueError`` (as distquant's
+    argument errors are)."""
+    try:
+        return check(*args)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+def _info_fields(info: dict) -> tuple:
+    """The validated fields of a :func:`quantize` ``info`` dict: ``n, shape, packbits, dist,
+    beta, loc, scale, n_elems, zero, dtype`` (a missing key or a value :func:`quantize` cannot
+    have written is a ``ValueError`` naming it)."""
+    try:
+        n, shape, packbits = info["n"], info["shape"], info["packbits"]
+        dist, beta, loc, scale = info["dist"], info["beta"], info["loc"], info["scale"]
+    except KeyError as e:
+        raise ValueError(f"info is missing the key {e.args[0]!r}") from None
+
+    def number(key, value, lo=None, hi=None):
+        value = value.item() if hasattr(value, "item") else value  # a 0-d array or tensor
+        return _as_value_error(_checks.check_float, value, f"info[{key!r}]", lo, hi)
+
+    n = _as_value_error(_checks.check_int, n, "info['n']", 2, 1 << 16)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise ValueError(f"info['shape'] must be a list of ints, got {shape!r}")
+    shape = [_as_value_error(_checks.check_int, d, "info['shape'] entries", 0, _checks.INT32_MAX)
+             for d in shape]
+    packbits = _as_value_error(_checks.check_bool, packbits, "info['packbits']")
+    dist = D.parse_dist(dist)
+    beta = _as_value_error(_checks.check_beta, beta.item() if hasattr(beta, "item") else beta,
+                           "info['beta']")
+    f32 = float(np.finfo(np.float32).max)
+    loc, scale = number("loc", loc, -f32, f32), number("scale", scale, 0.0, f32)
+    n_elems = _as_value_error(_checks.check_int, info.get("n_elems", math.prod(shape)),
+                              "info['n_elems']", 0, _checks.INT32_MAX)
+    if n_elems != math.prod(shape):
+        raise ValueError(f"info['n_elems']={n_elems} does not match info['shape']={shape}")
+    zero = info.get("zero", None)
+    if zero is not None:
+        zero = _as_value_error(_checks.check_zero, zero, "info['zero']")
+    dtype = info.get("dtype", "float32")
+    try:
+        ok = dtype == "bfloat16" or np.issubdtype(np.dtype(dtype), np.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"info['dtype'] must name a floating-point dtype, got {dtype!r}")
+    return n, shape, packbits, dist, beta, loc, scale, n_elems, zero, dtype
+
+
 def quantize(
     data: Any,
     k: int | None = None,
@@ -343,8 +457,8 @@ def quantize(
       dist: one of the nine reference names, or ``None`` to choose the one with the smallest
         mean absolute error.
       packbits: pack ``64 // k`` codes per int64, first code in the most significant field.
-      beta: range factor; ``None`` searches the reference's grid for the smallest mean absolute
-        error.
+      beta: range factor, in [1e-6, 1e6]; ``None`` searches the reference's grid for the
+        smallest mean absolute error.
       zero: a value reproduced exactly (the location of the quantiser).
 
     Returns:
@@ -374,12 +488,11 @@ def quantize(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 2 <= n <= 1 << 16:
         raise ValueError(f"n must be an int in 2..65536, got {n!r}")
     n = int(n)
-    if beta is not None and not (isinstance(beta, (int, float, np.floating)) and beta > 0):
-        raise ValueError(f"beta must be a positive number or None, got {beta!r}")
+    if beta is not None:
+        beta = _as_value_error(_checks.check_beta, beta)
     if zero is not None:
-        if not isinstance(zero, (int, float, np.floating)) or not math.isfinite(zero):
-            raise ValueError(f"zero must be a finite number or None, got {zero!r}")
-        zero = float(zero)
+        zero = _as_value_error(_checks.check_zero, zero)
+    _as_value_error(_checks.check_bool, packbits, "packbits")
 
     flat, in_dtype, shape = _to_host_float32(data)
 
@@ -409,21 +522,23 @@ def quantize(
         end = h + (flat.size - h) // (2 * per64) * (2 * per64)
         enc_parts = (jax.device_put(np.array(flat[:h])), jax.device_put(flat[h:end]),
                      jax.device_put(np.array(flat[end:])))
-    t, lv, row, col, loc, scale, finite = _run(
-        enc_parts if whole is None else (whole,), jnp.float32(1.0 if beta is None else beta),
-        dists=dists, n=n,
-        search=beta is None, zero=zero,
-    )
-    # encoding is dispatched before the statistics are awaited (on NaN/inf input its result is
-    # dropped); the scalars come in one device-to-host transfer
-    collect = _encode(enc_parts, t, lv, codes_bits, bool(packbits), word_path)
-    finite, row, col, loc, scale = jax.device_get((finite, row, col, loc, scale))
-    if not bool(finite):
+    # the statistics on the host, in an order that does not depend on the split (see _sums)
+    mean, std = _moments(flat)
+    if not (np.isfinite(mean) and np.isfinite(std)):
         bad = int(np.sum(~np.isfinite(flat)))
         raise ValueError(
             f"data contains {bad} NaN/inf value(s)" if bad else
             "data is too large for float32 statistics (its variance overflows)"
         )
+    t, lv, row, col, loc, scale = _run(
+        enc_parts if whole is None else (whole,), jnp.float32(1.0 if beta is None else beta),
+        jnp.float32(mean), jnp.float32(std), dists=dists, n=n,
+        search=beta is None, zero=zero,
+    )
+    # encoding is dispatched before the scalars are awaited; they come in one device-to-host
+    # transfer
+    collect = _encode(enc_parts, t, lv, codes_bits, bool(packbits), word_path)
+    row, col, loc, scale = jax.device_get((row, col, loc, scale))
     row = int(row)
     if beta is None:  # report the grid value itself, as the reference does
         beta = S.beta_grid(dists[row].family)[int(col)]
@@ -480,13 +595,7 @@ def dequantize(q_tensor: Any, **info) -> np.ndarray:
         ...
       ValueError: info is missing the key 'shape'
     """
-    try:
-        n, shape, packbits = int(info["n"]), list(info["shape"]), bool(info["packbits"])
-        dist = D.parse_dist(info["dist"])
-        beta, loc, scale = float(info["beta"]), float(info["loc"]), float(info["scale"])
-        n_elems = int(info.get("n_elems", math.prod(shape)))
-    except KeyError as e:
-        raise ValueError(f"info is missing the key {e.args[0]!r}") from None
+    n, shape, packbits, dist, beta, loc, scale, n_elems, zero, dtype = _info_fields(info)
     if hasattr(q_tensor, "detach") and hasattr(q_tensor, "numpy"):
         q_tensor = q_tensor.detach().cpu().numpy()
     q = np.asarray(q_tensor)
@@ -500,9 +609,7 @@ def dequantize(q_tensor: Any, **info) -> np.ndarray:
         if q.size != n_elems:
             raise ValueError(f"q_tensor has {q.size} codes, info says {n_elems}")
         codes = jnp.asarray(q.reshape(-1).astype(np.int32))
-    zero = info.get("zero", None)
     codes = jnp.clip(codes, 0, n - 1)
     out = _decode(codes, jnp.float32(beta), jnp.float32(loc), jnp.float32(scale),
                   dist=dist, n=n, zero=zero)
-    dtype = info.get("dtype", "float32")
     return np.asarray(out).reshape(shape).astype(dtype)

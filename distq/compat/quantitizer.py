@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..core import bitpack
+from ..core._checks import check_int
 from ..core import pq as P
 
 _FORMAT = "distq.Quantitized"
@@ -104,15 +105,6 @@ def pq_from_arrays(prefix: str, arrays: dict[str, np.ndarray], metadata: dict) -
 
 
 # ------------------------------------------------------------------------------ the result
-def check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise ValueError(f"{name} must be {rng}, got {value}")
-    return int(value)
-
-
 @jax.jit
 def _take(arr: P.PQArray, rows: jax.Array) -> jax.Array:
     return arr[rows]
@@ -149,6 +141,8 @@ def take_rows(arr: P.PQArray, rows: Any) -> np.ndarray:
     padded = np.zeros(size, np.int32)
     padded[: flat.size] = flat
     out = np.asarray(_take(arr, jnp.asarray(padded)))[: flat.size]
+    # the input's dtype: float64 too (JAX without jax_enable_x64 decodes it as float32)
+    out = out.astype(np.dtype(arr.dtype), copy=False)
     return out.reshape(rows.shape + (arr.shape[1],))
 
 
@@ -224,7 +218,7 @@ class Quantitized:
     def decode(self, dtype: Any = None) -> np.ndarray:
         """The whole ``(N, D)`` decoded matrix (input dtype, or ``dtype``)."""
         out = np.asarray(dequantize_pq(self.array))
-        return out if dtype is None else out.astype(dtype)
+        return out.astype(self.dtype if dtype is None else dtype, copy=False)
 
     def unpack(self) -> np.ndarray:
         """quantitizer's name for :meth:`decode`."""

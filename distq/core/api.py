@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,7 +17,33 @@ def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
 
     Jittable with the spec static: ``jax.jit(distq.quantize, static_argnums=1)``, and vmappable
     over a batch of arrays (the leaf then carries the batch axes). Outside ``jit`` the input is
-    checked (finite, non-empty, floating point); under ``jit`` those checks cannot raise.
+    checked (finite, non-empty, floating point, within the spec's range); under ``jit`` those
+    checks cannot raise.
+
+    Precision and range: values are represented in float32 internally. float16, bfloat16 and
+    float32 input converts exactly; float64 input is rounded to float32 (about 7 significant
+    digits, far finer than any quantisation grid), and a float64 array with magnitudes beyond
+    float32's largest number (3.4e38), or non-zero ones that would round to 0 (below 1.4e-45),
+    is refused with a ``ValueError``. Any finite float32 magnitude works: each group of values
+    is scaled by a power of two (exactly) before its statistics, so ``x * 2**j`` gets the codes
+    of ``x``. A group the spec cannot store is refused with a ``ValueError`` that names the
+    range: one whose scale falls outside ``scale_dtype``'s normal range (for float32 and
+    bfloat16 below 1.2e-38, for float16 outside [6.1e-5, 65504]), whose decoded levels would be
+    closer than 1.2e-38 (XLA flushes smaller numbers to zero; e.g. ``Uniform(bits=8)`` needs a
+    group's largest magnitude to be 0 or at least 1.5e-36), or whose decoded values would
+    exceed 3.4e38; a group whose largest magnitude is below 2**-24 of the array's is not
+    refused for being too small (it decodes as 0 or its location: an error below float32's
+    resolution at the array's scale). ``.dequantize()`` returns the input's dtype (float64
+    only with ``jax_enable_x64``: JAX has no float64 arrays without it, so they decode as
+    float32).
+
+    Non-finite values under ``jit``/``vmap`` (outside them NaN/inf input raises a
+    ``ValueError``): they are excluded from every statistic and codebook fit (zero weight), so
+    every finite value gets exactly the code it would get without them, and they decode as NaN.
+    A scalar quantiser's leaf made under a trace records their positions (up to one per 4096
+    values, at least one: a few bytes, counted in ``nbytes``; QArray's ``nonfinite`` field); a
+    group holding more of them than that decodes entirely as NaN. Out-of-range groups are not
+    refused under a trace: their scale is stored as it rounds (0 or inf).
 
     Args:
       x: a floating-point array (NumPy, JAX, or anything ``jnp.asarray`` takes).
@@ -43,12 +70,16 @@ def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
     spec = Scalar() if spec is None else spec
     if not is_spec(spec):
         check_spec(spec)
+    dtype = _checks.dtype_name(x)
     x = _checks.as_float_array(x)
     why = spec.problem(tuple(x.shape))
     if why:
         raise ValueError(f"{spec_str(spec)} cannot take an array of shape {tuple(x.shape)}: "
                          f"{why}")
-    return spec.quantize(x, key=key)
+    q = spec.quantize(x, key=key)
+    if getattr(type(q), "records_dtype", False) and q.dtype != dtype:  # float64 held as float32
+        q = dataclasses.replace(q, dtype=dtype)
+    return q
 
 
 def dequantize(q: Any, dtype: Any = None) -> jax.Array:

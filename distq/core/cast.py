@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import jax
@@ -11,12 +10,12 @@ import numpy as np
 
 from . import _checks
 from . import spec as _spec
-from .leaf import arrays_nbytes
+from .leaf import LeafBase
 from .specs import Cast
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CastArray:
+class CastArray(LeafBase):
     """A leaf stored in a narrower dtype; ``dequantize()`` restores the original dtype.
 
     Examples:
@@ -34,38 +33,29 @@ class CastArray:
     value: jax.Array
     dtype: str = dataclasses.field(metadata=dict(static=True))
 
+    # the stored array has the original shape (batch axes of a vmapped CastArray included)
+    batch_shape: ClassVar[tuple[int, ...]] = ()
+
     @property
-    def shape(self) -> tuple[int, ...]:
+    def value_shape(self) -> tuple[int, ...]:
         return tuple(self.value.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return arrays_nbytes(self.value)
-
-    @property
-    def bits_per_value(self) -> float:
-        return 8.0 * jax.numpy.dtype(self.value.dtype).itemsize
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         return self.value.astype(dtype or self.dtype)
 
     def take(self, rows: Any, dtype: Any = None) -> jax.Array:
         """Rows of the first axis, converted back (only those rows)."""
+        rows = jax.numpy.asarray(rows)
+        n0 = self.value.shape[0]
+        if not isinstance(rows, jax.core.Tracer) and rows.size and (
+                int(rows.max()) >= n0 or int(rows.min()) < -n0):
+            raise IndexError(f"row index out of range for {n0} rows")
         return self.value[rows].astype(dtype or self.dtype)
 
     def __getitem__(self, idx) -> jax.Array:
+        if isinstance(idx, (int, np.integer)):
+            return self.take(idx)
         return self.value[idx].astype(self.dtype)
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.dequantize(), dtype=dtype)
 
     def metadata(self) -> dict:
         return {"dtype": self.dtype, "stored": str(self.value.dtype), "shape": list(self.shape)}

@@ -95,6 +95,18 @@ def nearest_rows(xb: jax.Array, ct: jax.Array, half: jax.Array, xxh: jax.Array,
       that precision may be chosen instead, which changes nothing for k-means or encoding.
     * otherwise two reductions: the minimum, then the smallest index attaining it (exact; ties
       go to the lowest index). A variadic ``argmin`` runs about ten times slower on XLA:CPU.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from distq import kmeans as km
+      >>> x = jnp.array([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]])
+      >>> c = jnp.array([[0.0, 0.0], [10.0, 10.0]])
+      >>> half, xxh = (c * c).sum(1) / 2, (x * x).sum(1) / 2
+      >>> idx, d2 = km.nearest_rows(x, c.T, half, xxh, exact=True)
+      >>> idx.tolist(), d2.tolist()
+      ([0, 0, 1], [0.0, 2.0, 2.0])
+      >>> km.nearest_rows(x, c.T, half, xxh, exact=False)[0].tolist()  # one keyed reduction
+      [0, 0, 1]
     """
     s = (xxh[:, None] + half[None, :]) - xb @ ct
     kk = ct.shape[1]
@@ -123,6 +135,15 @@ def blocked(n: int, block: int, fn, out_init):
     data); the last block is shifted back to end at ``n`` and overlaps its neighbour, so every
     block has the same static size. ``fn(start)`` returns a tuple of arrays whose last axis
     (or first, see ``out_init``) is the block; they are written with ``dynamic_update_slice``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax import lax
+      >>> from distq import kmeans as km
+      >>> src = jnp.arange(10) * 2
+      >>> fn = lambda start: (lax.dynamic_slice_in_dim(src, start, 4),)  # blocks of 4 of 10
+      >>> km.blocked(10, 4, fn, ((jnp.zeros(10, src.dtype),), (0,)))[0].tolist()
+      [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
     """
     nb = -(-n // block)
 
@@ -520,7 +541,16 @@ def lloyd(x: jax.Array, centroids: jax.Array, iters: int = 25, tol: float = 1e-4
 
 # -------------------------------------------------------------------------------------- fit
 def subsample(key: jax.Array, x: jax.Array, size: int) -> jax.Array:
-    """``size`` distinct random rows of ``x`` (..., N, d), the same rows for every problem."""
+    """``size`` distinct random rows of ``x`` (..., N, d), the same rows for every problem.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from distq import kmeans as km
+      >>> x = jnp.arange(20.0).reshape(10, 2)
+      >>> s = km.subsample(jax.random.key(0), x, 4)
+      >>> s.shape, len(set(s[:, 0].tolist())), bool((s[:, 1] == s[:, 0] + 1).all())
+      ((4, 2), 4, True)
+    """
     n = x.shape[-2]
     if size >= n:
         return x
@@ -572,11 +602,28 @@ def fit_batched(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
     return jax.tree.map(pick, runs)
 
 
+def _max_exponents(x: jax.Array) -> jax.Array:
+    """``floor(log2 max |x|)`` of each problem ``(B, N, d) -> (B,)``."""
+    return _checks.max_exponent(x.reshape(x.shape[0], -1), axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _fit_jit(key: jax.Array, x: jax.Array, cfg: KMeans) -> KMeansResult:
-    if x.ndim == 2:
-        return jax.tree.map(lambda a: a[0], fit_batched(key, x[None], cfg))
-    return fit_batched(key, x, cfg)
+    """k-means of each problem in its frame: centred per column and scaled by a power of two
+    (exactly) to magnitudes near 1, so squared distances neither overflow (rows beyond ~1e19)
+    nor flush to zero (below ~1e-19), and an offset common to the rows does not cancel their
+    digits; the centroids and inertia come back in the data's units."""
+    batched = x.ndim == 3
+    xb = x if batched else x[None]
+    k = -_max_exponents(xb)
+    xs = _checks.ldexp(xb, k[:, None, None])
+    mu = jnp.mean(xs, axis=1, keepdims=True)
+    k2 = -_max_exponents(xs - mu)
+    res = fit_batched(key, _checks.ldexp(xs - mu, k2[:, None, None]), cfg)
+    c = _checks.ldexp(_checks.ldexp(res.centroids, -k2[:, None, None]) + mu, -k[:, None, None])
+    res = res._replace(centroids=jnp.clip(c, -_checks.F32_MAX, _checks.F32_MAX),
+                       inertia=_checks.ldexp(res.inertia, -2 * (k + k2)))
+    return res if batched else jax.tree.map(lambda a: a[0], res)
 
 
 def fit(key: jax.Array, x: Any, cfg: KMeans | int) -> KMeansResult:

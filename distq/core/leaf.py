@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
@@ -47,6 +48,49 @@ class Leaf(Protocol):
     def take(self, rows: Any) -> jax.Array: ...
 
     def metadata(self) -> dict: ...
+
+
+class LeafBase:
+    """Array-like properties shared by the leaf classes (a mixin without fields).
+
+    A subclass defines ``array_fields``, ``value_shape`` (the shape of one quantised array) and
+    ``batch_shape`` (leading axes added by ``vmap``; ``()`` otherwise).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.batch_shape) + tuple(self.value_shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes: every stored array, codes bit-packed."""
+        return arrays_nbytes(*(getattr(self, f) for f in self.array_fields))
+
+    @property
+    def bits_per_value(self) -> float:
+        """``8 * nbytes / size``: what each value really costs, overheads included."""
+        return 8.0 * self.nbytes / max(self.size, 1)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.dequantize(), dtype=dtype)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError(f"len() of a 0-d {type(self).__name__}")
+        return self.shape[0]
+
+    def __iter__(self):
+        """``self[0], self[1], ...`` along the first axis (batch members or decoded rows);
+        defined so that Python never falls back to calling ``__getitem__`` without end."""
+        return (self[i] for i in range(len(self)))
 
 
 def arrays_nbytes(*arrays) -> int:

@@ -41,9 +41,57 @@ from . import kmeans as km
 from typing import ClassVar
 
 from . import spec as _spec
-from .leaf import arrays_nbytes, leaf_from_state
+from .leaf import LeafBase, leaf_from_state
 from .specs import PQ
 
+
+
+# ------------------------------------------------------------------------------ the frame
+# Squared distances of float32 rows overflow beyond ~1e19 and flush to zero below ~1e-19, and a
+# common offset (rows near 1e4 that vary by 1) cancels their digits. Nearest centroids do not
+# change when rows and centroids move and scale together, so every distance is computed in a
+# frame: centred per column, scaled by a power of two (exactly) to magnitudes near 1. Training
+# takes the frame from the training rows (column means) and stores the centroids back in the
+# data's units, the means added in (nothing else stored); encoding and search take it from the
+# codebooks (their mean per column), so they need nothing stored either.
+_FAR = 2.0 ** 50  # framed coordinates are clipped here: squares summed stay finite
+
+
+def _frame_stats(x: jax.Array):
+    """``(k, mu, k2)`` for rows ``(N, D)``: ``(x * 2**k - mu) * 2**k2`` is centred, magnitudes
+    near 1 (``mu``: column means of ``x * 2**k``)."""
+    x = x.astype(jnp.float32)
+    k = -_checks.max_exponent(x.reshape(-1))
+    xs = _checks.ldexp(x, k)
+    mu = jnp.mean(xs, axis=0)
+    k2 = -_checks.max_exponent((xs - mu[None, :]).reshape(-1))
+    return k, mu, k2
+
+
+def _to_frame(x: jax.Array, stats) -> jax.Array:
+    k, mu, k2 = stats
+    return _checks.ldexp(_checks.ldexp(x.astype(jnp.float32), k) - mu[None, :], k2)
+
+
+def _codebook_frame(codebooks: jax.Array):
+    """``(k0, shift (D,), k1, framed codebooks)``: the frame encoding and search use."""
+    cb = codebooks.astype(jnp.float32)
+    m, _, ds = cb.shape
+    k0 = -_checks.max_exponent(cb.reshape(-1))
+    cb0 = _checks.ldexp(cb, k0)
+    shift = jnp.mean(cb0, axis=1)  # (m, ds)
+    d0 = cb0 - shift[:, None, :]
+    k1 = -_checks.max_exponent(d0.reshape(-1))
+    return k0, shift.reshape(m * ds), k1, _checks.ldexp(d0, k1)
+
+
+def _rows_in_frame(x: jax.Array, rotation: jax.Array | None, frame) -> jax.Array:
+    """Rows ``(n, D)`` rotated (OPQ) and moved into a codebook frame."""
+    k0, shift, k1, _ = frame
+    x0 = jnp.clip(_checks.ldexp(x.astype(jnp.float32), k0), -2.0 ** 100, 2.0 ** 100)
+    if rotation is not None:
+        x0 = x0 @ rotation.astype(jnp.float32)
+    return jnp.clip(_checks.ldexp(x0 - shift[None, :], k1), -_FAR, _FAR)
 
 
 # --------------------------------------------------------------------------- code helpers
@@ -68,18 +116,16 @@ def _encode_codes(x: jax.Array, codebooks: jax.Array, rotation: jax.Array | None
     """``(N, D)`` rows -> ``(N, m)`` int32 codes."""
     n, dim = x.shape
     m, _, ds = codebooks.shape
-    x = x.astype(jnp.float32)
-    cb = codebooks.astype(jnp.float32)
-    if rotation is not None:
-        x = x @ rotation.astype(jnp.float32)
+    frame = _codebook_frame(codebooks)
+    cb = frame[3]
     half = 0.5 * jnp.sum(cb * cb, axis=-1)
     cbt = jnp.swapaxes(cb, 1, 2)
     if n <= block:
-        return _nearest_block(x.reshape(n, m, ds), cbt, half)
+        return _nearest_block(_rows_in_frame(x, rotation, frame).reshape(n, m, ds), cbt, half)
 
     def fn(start):
-        xb = lax.dynamic_slice_in_dim(x, start, block, axis=0).reshape(block, m, ds)
-        return (_nearest_block(xb, cbt, half),)
+        xb = _rows_in_frame(lax.dynamic_slice_in_dim(x, start, block, axis=0), rotation, frame)
+        return (_nearest_block(xb.reshape(block, m, ds), cbt, half),)
 
     (codes,) = km.blocked(n, block, fn, ((jnp.zeros((n, m), jnp.int32),), (0,)))
     return codes
@@ -94,13 +140,15 @@ def _encode_packed(x, codebooks, rotation, block, bits):
 
 
 def _as_rows(x: Any, dim: int, name: str = "x") -> jax.Array:
-    """Float ``(N, dim)`` array (finiteness is checked inside the encoder, in the same pass)."""
+    """Float ``(N, dim)`` array (finiteness is checked inside the encoder, in the same pass;
+    float64 input is checked to fit float32 first, see :func:`distq.core._checks.
+    check_float32_range`)."""
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
     dt = np.dtype(x.dtype)
     if not (np.issubdtype(dt, np.floating) or dt == jnp.bfloat16):
         raise TypeError(f"{name} must have a floating-point dtype, got {dt}")
-    x = jnp.asarray(x)
+    x = jnp.asarray(_checks.check_float32_range(x, name))
     if x.ndim != 2 or x.shape[1] != dim or x.shape[0] == 0:
         raise ValueError(f"{name} must have shape (N, {dim}) with N >= 1, got {tuple(x.shape)}")
     return x
@@ -140,7 +188,7 @@ def gather_sum(tables: jax.Array, codes: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------- the array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PQArray:
+class PQArray(LeafBase):
     """A product-quantised matrix: packed codes + codebooks (+ rotation) + static metadata.
 
     ``dequantize()`` rebuilds the ``(N, D)`` matrix; ``q[rows]`` decodes only those rows;
@@ -169,6 +217,7 @@ class PQArray:
 
     kind: ClassVar[str] = "pqarray"
     array_fields: ClassVar[tuple[str, ...]] = ("codes", "codebooks", "rotation")
+    records_dtype: ClassVar[bool] = True  # dtype is the caller's, even where JAX held float32
 
     codes: jax.Array
     codebooks: jax.Array
@@ -186,27 +235,6 @@ class PQArray:
     def batch_shape(self) -> tuple[int, ...]:
         """Leading axes added by ``vmap`` (``()`` for one matrix)."""
         return tuple(self.codes.shape[:-1])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.batch_shape + tuple(self.value_shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """True storage: packed code words + codebooks (+ rotation)."""
-        return arrays_nbytes(self.codes, self.codebooks, self.rotation)
-
-    @property
-    def bits_per_value(self) -> float:
-        return 8.0 * self.nbytes / max(self.size, 1)
 
     @property
     def T(self) -> "PQArrayT":  # noqa: N802 (numpy's name)
@@ -234,7 +262,7 @@ class PQArray:
                 fn = jax.vmap(fn)
             return fn(self)
         rows = decode_codes(self.codes_unpacked(), self.codebooks, self.rotation)
-        return rows.astype(dtype or self.dtype)
+        return rows.astype(dtype or _output_dtype(self.dtype))
 
     def take(self, rows: Any, dtype: Any = None) -> jax.Array:
         """Decoded rows (an int or an integer array of row indices), reading only their codes."""
@@ -242,9 +270,13 @@ class PQArray:
         if not jnp.issubdtype(rows.dtype, jnp.integer):
             raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
         n = self.value_shape[0]
+        if _checks.is_concrete(rows) and rows.size and (
+                int(rows.max()) >= n or int(rows.min()) < -n):
+            raise IndexError(f"row index out of range for {n} rows")
         rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
         dec = decode_codes(self.row_codes(rows.reshape(-1)), self.codebooks, self.rotation)
-        return dec.reshape(rows.shape + (self.value_shape[1],)).astype(dtype or self.dtype)
+        return dec.reshape(rows.shape + (self.value_shape[1],)).astype(
+            dtype or _output_dtype(self.dtype))
 
     def __getitem__(self, idx) -> Any:
         """Decoded rows: ``q[i]`` (D,), ``q[array]`` (n, D), ``q[a:b]``, ``q[rows, cols]``;
@@ -270,13 +302,13 @@ class PQArray:
             rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
         flat = rows.reshape(-1)
         dec = decode_codes(self.row_codes(flat), self.codebooks, self.rotation)
-        out = dec.reshape(rows.shape + (self.value_shape[1],)).astype(self.dtype)
+        out = dec.reshape(rows.shape + (self.value_shape[1],)).astype(_output_dtype(self.dtype))
         return out[(Ellipsis,) + rest] if rest else out
 
     # ------------------------------------------------------------------ products
     def _out_dtype(self, v: jax.Array):
         with jax.numpy_dtype_promotion("standard"):  # the lattice, whatever the user's config
-            return jnp.promote_types(self.dtype, v.dtype)
+            return jnp.promote_types(_output_dtype(self.dtype), v.dtype)
 
     def __matmul__(self, v: Any) -> jax.Array:
         """``X @ v`` for ``v`` of shape (D,) or (D, k), through per-sub-space tables."""
@@ -309,9 +341,6 @@ class PQArray:
             out = out @ self.rotation.astype(jnp.float32).T
         out = out[0] if vec else out
         return out.astype(self._out_dtype(v))
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.dequantize(), dtype=dtype)
 
     def __repr__(self) -> str:
         rot = ", opq" if self.rotation is not None else ""
@@ -396,6 +425,12 @@ class PQArrayT:
         return w @ self.base if w.ndim == 1 else (w.T @ self.base).T
 
 
+def _output_dtype(name: str):
+    """The dtype decoding returns for a recorded dtype name (float64 is float32 while JAX runs
+    without ``jax_enable_x64``: it has no float64 arrays then)."""
+    return jax.dtypes.canonicalize_dtype(jnp.dtype(name))
+
+
 def is_pqarray(x: Any) -> bool:
     """``True`` for a :class:`PQArray`."""
     return isinstance(x, PQArray)
@@ -444,13 +479,18 @@ class ProductQuantizer:
         return x
 
     def encode(self, x: Any) -> PQArray:
-        """Encodes rows ``(N, D)`` into a :class:`PQArray` (nearest centroid per sub-space)."""
+        """Encodes rows ``(N, D)`` into a :class:`PQArray` (nearest centroid per sub-space).
+
+        The PQArray records ``x``'s dtype (float64 too, which JAX without ``jax_enable_x64``
+        holds as float32); rows of any finite float32 magnitude encode (distances are computed
+        in the codebooks' frame, see the module's source)."""
+        dtype = _checks.dtype_name(x)
         x = _as_rows(x, self.dim)
         words, finite = _encode_packed(x, self.codebooks, self.rotation, self.block, self.bits)
         if _checks.is_concrete(finite) and not bool(finite):
             raise ValueError("x contains NaN/inf values; quantisation needs finite input")
         return PQArray(codes=words, codebooks=self.codebooks, rotation=self.rotation,
-                       value_shape=tuple(x.shape), dtype=str(x.dtype), m=self.m, bits=self.bits)
+                       value_shape=tuple(x.shape), dtype=dtype, m=self.m, bits=self.bits)
 
     def decode(self, q: PQArray, dtype: Any = None) -> jax.Array:
         """Decodes a :class:`PQArray` (same as ``q.dequantize()``)."""
@@ -494,10 +534,9 @@ class ProductQuantizer:
 @functools.partial(jax.jit, static_argnames=("k",))
 def _search(y, codes, codebooks, rotation, k):
     m, kk, ds = codebooks.shape
-    y = y.astype(jnp.float32)
-    if rotation is not None:
-        y = y @ rotation.astype(jnp.float32)
-    cb = codebooks.astype(jnp.float32)
+    frame = _codebook_frame(codebooks)  # distances in the frame, scaled back at the end
+    y = _rows_in_frame(y, rotation, frame)
+    cb = frame[3]
     ys = y.reshape(y.shape[0], m, ds)
     # tables[q, s, c] = |y_s - C_s[c]|^2
     tab = (jnp.sum(ys * ys, -1)[:, :, None] - 2.0 * jnp.einsum("qsd,scd->qsc", ys, cb)
@@ -506,7 +545,7 @@ def _search(y, codes, codebooks, rotation, k):
     for s in range(1, m):
         dist = dist + tab[:, s, codes[:, s]]
     neg, idx = lax.top_k(-dist, k)
-    return jnp.maximum(-neg, 0.0), idx
+    return _checks.ldexp(jnp.maximum(-neg, 0.0), -2 * (frame[0] + frame[2])), idx
 
 
 # ------------------------------------------------------------------------------------ fit
@@ -524,35 +563,42 @@ def _split(x: jax.Array, m: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _sample(key: jax.Array, x: jax.Array, spec: PQ):
-    """A random subset of the rows ``(S, D)`` and its sub-spaces ``(m, S, D / m)``.
+    """A random subset of the rows ``(S, D)`` in its frame (see :func:`_frame_stats`), its
+    sub-spaces ``(m, S, D / m)`` and the frame.
 
     A computation of its own: inside the k-means computation XLA:CPU turns the sub-space
     transpose into a layout change of every later read, which made the whole fit 20 % slower.
     """
     xs = km.subsample(key, x.astype(jnp.float32), spec.kmeans().sample_size(x.shape[0]))
-    return xs, _split(xs, spec.m)
+    stats = _frame_stats(xs)
+    xs = _to_frame(xs, stats)
+    return xs, _split(xs, spec.m), stats
 
 
-@functools.partial(jax.jit, static_argnames=("m",))
-def _split_float32(x: jax.Array, m: int) -> jax.Array:
-    return _split(x.astype(jnp.float32), m)
+@functools.partial(jax.jit, static_argnames=("m", "rows"))
+def _split_float32(x: jax.Array, m: int, rows: bool):
+    """All rows' sub-spaces in their frame, the frame, and (``rows``: for OPQ) the rows."""
+    stats = _frame_stats(x)
+    xf = _to_frame(x, stats)
+    return (xf if rows else None), _split(xf, m), stats
 
 
 def _fit(key: jax.Array, x: jax.Array, spec: PQ):
     k_sample, k_fit = jax.random.split(key)
     if spec.kmeans().sample_size(x.shape[0]) < x.shape[0]:
-        xs, xsplit = _sample(k_sample, x, spec)
-    else:  # every row trains: no copy of them, only their sub-spaces
-        xs, xsplit = x, _split_float32(x, spec.m)
-    return _fit_sample(k_fit, xs, xsplit, spec)
+        xs, xsplit, stats = _sample(k_sample, x, spec)
+    else:  # every row trains: no copy of them, only their sub-spaces (OPQ: and the rows)
+        xs, xsplit, stats = _split_float32(x, spec.m, spec.opq and spec.opq_iters > 0)
+    return _fit_sample(k_fit, xs, xsplit, stats, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _fit_sample(k_fit: jax.Array, xs: jax.Array, xsplit: jax.Array, spec: PQ):
+def _fit_sample(k_fit: jax.Array, xs: jax.Array | None, xsplit: jax.Array, stats, spec: PQ):
+    """k-means (and OPQ) on rows in their frame; the codebooks and inertia come back in the
+    data's units (the column means added into the centroids, in the rotated space for OPQ)."""
     cfg = spec.kmeans()
-    xs = xs.astype(jnp.float32)
-    dim = xs.shape[1]
     m = spec.m
+    dim = m * xsplit.shape[-1]
     res = km.fit_batched(k_fit, xsplit, cfg)
     cb, inertia, iters = res.centroids, res.inertia, res.iters
     rot = None
@@ -572,7 +618,11 @@ def _fit_sample(k_fit: jax.Array, xs: jax.Array, xsplit: jax.Array, spec: PQ):
         rot, cb, inertia, iters = lax.fori_loop(
             0, spec.opq_iters, alternate, (rot, cb, inertia, iters)
         )
-    cb = cb.astype(spec.codebook_dtype)
+    k, mu, k2 = stats
+    mu = mu if rot is None else mu @ rot
+    cb = _checks.ldexp(_checks.ldexp(cb, -k2) + mu.reshape(m, 1, dim // m), -k)
+    cb = jnp.clip(cb, -_checks.F32_MAX, _checks.F32_MAX).astype(spec.codebook_dtype)
+    inertia = _checks.ldexp(inertia, -2 * (k + k2))
     return cb, rot, inertia, iters
 
 
@@ -619,6 +669,12 @@ def fit(key: jax.Array, x: Any, spec: PQ | None = None, **kwargs) -> ProductQuan
             "use fewer bits or more rows"
         )
     cb, rot, inertia, iters = _fit(key, x, spec)
+    if _checks.is_concrete(cb) and not bool(jnp.all(jnp.isfinite(cb))):
+        raise ValueError(
+            f"codebook_dtype={spec.codebook_dtype!r} cannot hold these centroids (largest "
+            f"magnitude {float(jnp.max(jnp.abs(cb.astype(jnp.float32)))):.3g} after rounding; "
+            f"{spec.codebook_dtype} ends at {float(jnp.finfo(spec.codebook_dtype).max):.4g}): "
+            "use codebook_dtype='float32' or scale the rows first")
     return ProductQuantizer(codebooks=cb, rotation=rot, inertia=inertia, iters=iters, dim=dim,
                             bits=spec.bits, block=spec.block)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import bitpack
-from .leaf import arrays_nbytes, leaf_from_state
+from .leaf import LeafBase, leaf_from_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Layout:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QArray:
+class QArray(LeafBase):
     """A quantised array: packed codes + levels + per-group scale/location + static metadata.
 
     Attributes:
@@ -128,6 +128,13 @@ class QArray:
       n_outliers: how many values are kept apart.
       grid: ``(first, step)`` when the levels are ``first + step * code`` and no codebook is
         stored (affine and absmax integer grids), else ``None``.
+      nonfinite: for a QArray made under a trace (``jit``/``vmap``), where non-finite input
+        cannot be refused: the positions of up to :func:`nonfinite_capacity` non-finite values
+        (in row order, each stored plus one, bit-packed ``nonfinite_bits`` wide, 0 for an unused
+        slot), which decode as NaN; a group holding further non-finite values has the sign bit
+        of its scale set (scales are otherwise never negative) and decodes as NaN entirely (its
+        finite values keep their codes, and ``abs(scale)``). ``None`` otherwise (nothing
+        stored).
 
     Examples:
       >>> import jax, distq
@@ -146,7 +153,8 @@ class QArray:
 
     kind: ClassVar[str] = "qarray"
     array_fields: ClassVar[tuple[str, ...]] = (
-        "codes", "codebook", "scale", "loc", "outlier_index", "outlier_value")
+        "codes", "codebook", "scale", "loc", "outlier_index", "outlier_value", "nonfinite")
+    records_dtype: ClassVar[bool] = True  # dtype is the caller's, even where JAX held float32
 
     codes: jax.Array
     codebook: jax.Array | None
@@ -161,6 +169,7 @@ class QArray:
     outlier_index: jax.Array | None = None
     outlier_value: jax.Array | None = None
     n_outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
+    nonfinite: jax.Array | None = None
     grid: tuple[float, float] | None = dataclasses.field(default=None,
                                                          metadata=dict(static=True))
 
@@ -171,23 +180,6 @@ class QArray:
         return tuple(self.codes.shape[:-1])
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return self.batch_shape + tuple(self.value_shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """True storage in bytes: packed codes + codebook + scales + locations + outliers."""
-        return arrays_nbytes(*(getattr(self, f) for f in self.array_fields))
-
-    @property
     def value_size(self) -> int:
         """Values of one (unbatched) array."""
         return math.prod(self.value_shape)
@@ -196,11 +188,6 @@ class QArray:
     def index_bits(self) -> int:
         """Bits per stored outlier position: enough to address every value."""
         return max(1, (self.value_size - 1).bit_length())
-
-    @property
-    def bits_per_value(self) -> float:
-        """``8 * nbytes / size``: what each value really costs, overheads included."""
-        return 8.0 * self.nbytes / max(self.size, 1)
 
     def _unbatched(self, fn):
         """``fn(self)`` per member of a batched QArray (stacked), or ``fn(self)`` itself."""
@@ -224,6 +211,22 @@ class QArray:
     def outlier_positions(self) -> jax.Array:
         """Positions of the outliers in the flattened ``(groups, group_len)`` row order."""
         return unpack_positions(self.outlier_index, self.index_bits, self.n_outliers)
+
+    def group_scale(self) -> jax.Array:
+        """``scale`` as float32 for decoding: NaN for a group marked as holding unrecorded
+        non-finite values (see ``nonfinite``)."""
+        s = self.scale.astype(jnp.float32)
+        if self.nonfinite is None:
+            return s
+        return jnp.where(jnp.signbit(s), jnp.nan, s)
+
+    def nonfinite_positions(self) -> jax.Array:
+        """Positions (row order, int32) of the recorded non-finite values; ``value_size`` (out of
+        range) for an unused slot."""
+        size = self.value_size
+        p = unpack_positions(self.nonfinite, nonfinite_bits(size), nonfinite_capacity(size))
+        p = p.astype(jnp.int32)
+        return jnp.where(p == 0, size, p - 1)
 
     def codes_unpacked(self) -> jax.Array:
         """The codes as integers in the layout's ``(groups, group_len)`` shape."""
@@ -249,11 +252,13 @@ class QArray:
             idx = self.outlier_positions().astype(jnp.int32)
             rows = rows.reshape(-1).at[idx].set(self.outlier_value.astype(jnp.float32))
             rows = rows.reshape(self.layout.num_groups(self.value_shape), -1)
-        rows = rows * self.scale.astype(jnp.float32)[:, None]
+        rows = rows * self.group_scale()[:, None]
         if self.loc is not None:
             rows = rows + self.loc.astype(jnp.float32)[:, None]
+        if self.nonfinite is not None:
+            rows = rows.reshape(-1).at[self.nonfinite_positions()].set(jnp.nan, mode="drop")
         out = self.layout.from_rows(rows, self.value_shape)
-        return out.astype(dtype or self.dtype)
+        return out.astype(dtype or output_dtype(self.dtype))
 
     def take(self, rows: Any, dtype: Any = None) -> jax.Array:
         """Decoded rows (indices along the first axis), reading only their codes.
@@ -269,6 +274,8 @@ class QArray:
         if not jnp.issubdtype(rows.dtype, jnp.integer):
             raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
         n0, inner = self.value_shape[0], math.prod(self.value_shape[1:])
+        if _concrete(rows) and rows.size and (int(rows.max()) >= n0 or int(rows.min()) < -n0):
+            raise IndexError(f"row index out of range for {n0} rows")
         r = jnp.where(rows < 0, rows + n0, rows).astype(jnp.int32)
         flat = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(
             (1,) * r.ndim + (inner,))  # indices in the original order
@@ -285,10 +292,14 @@ class QArray:
             opos, oval = opos[order], self.outlier_value.astype(jnp.float32)[order]
             i = jnp.clip(jnp.searchsorted(opos, pos), 0, self.n_outliers - 1)
             z = jnp.where(opos[i] == pos, oval[i], z)
-        out = z * self.scale.astype(jnp.float32)[group]
+        out = z * self.group_scale()[group]
         if self.loc is not None:
             out = out + self.loc.astype(jnp.float32)[group]
-        return out.reshape(r.shape + tuple(self.value_shape[1:])).astype(dtype or self.dtype)
+        if self.nonfinite is not None:
+            hit = jnp.any(pos[..., None] == self.nonfinite_positions(), axis=-1)
+            out = jnp.where(hit, jnp.nan, out)
+        return out.reshape(r.shape + tuple(self.value_shape[1:])).astype(
+            dtype or output_dtype(self.dtype))
 
     def __getitem__(self, idx) -> Any:
         """Batch members of a batched QArray (a QArray); decoded values otherwise.
@@ -304,14 +315,12 @@ class QArray:
             return self.take(idx)
         return self.dequantize()[idx]
 
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.dequantize(), dtype=dtype)
-
     def __repr__(self) -> str:
         return (
             f"QArray(shape={self.shape}, dtype={self.dtype}, method={self.method!r}, "
             f"bits={self.bits}, n={self.n}, layout={self.layout.kind}, "
             + (f"outliers={self.n_outliers}, " if self.n_outliers else "")
+            + ("nonfinite=recorded, " if self.nonfinite is not None else "")
             + f"nbytes={self.nbytes})"
         )
 
@@ -357,6 +366,7 @@ class QArray:
                 outlier_value=_optional(arrays.get("outlier_value")),
                 n_outliers=int(metadata.get("outliers", 0)),
                 grid=None if grid is None else (float(grid[0]), float(grid[1])),
+                nonfinite=_optional(arrays.get("nonfinite")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"corrupt QArray metadata or arrays: {e!r}") from None
@@ -409,6 +419,12 @@ class QArray:
                 raise ValueError(f"QArray.outlier_index must be {words} uint32 words")
             if member(self.outlier_value, "outlier_value") != (k,):
                 raise ValueError(f"QArray.outlier_value must have shape ({k},)")
+        if self.nonfinite is not None:
+            size = self.value_size
+            words = position_words(nonfinite_capacity(size), nonfinite_bits(size))
+            if self.nonfinite.dtype != jnp.uint32 or member(self.nonfinite, "nonfinite") != (
+                    words,):
+                raise ValueError(f"QArray.nonfinite must be {words} uint32 words")
 
 
 def layout_for(spec, shape: tuple[int, ...]) -> Layout:
@@ -481,8 +497,44 @@ def outlier_values(z: jax.Array) -> jax.Array:
     return jnp.clip(z, -f16, f16).astype(jnp.float16)
 
 
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
 def _optional(a):
     return None if a is None else jnp.asarray(a)
+
+
+def output_dtype(name: str):
+    """The dtype ``dequantize`` returns for a recorded dtype name: the name itself, except that
+    float64 is float32 while JAX runs without ``jax_enable_x64`` (it has no float64 then)."""
+    return jax.dtypes.canonicalize_dtype(jnp.dtype(name))
+
+
+def nonfinite_capacity(size: int) -> int:
+    """How many non-finite positions a QArray of ``size`` values made under a trace records
+    (four, and one more per 4096 values): a few words, counted in ``nbytes``."""
+    return min(size, 4 + size // 4096)
+
+
+def nonfinite_bits(size: int) -> int:
+    """Bits per recorded non-finite position (stored plus one: 0 marks an unused slot)."""
+    return max(1, size.bit_length())
+
+
+def record_nonfinite(bad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Records the first :func:`nonfinite_capacity` positions where ``bad`` (``(groups,
+    group_len)``, row order) is set; returns the packed positions and, per group, whether it
+    holds positions beyond them (its scale gets its sign bit set: it decodes as NaN)."""
+    g, length = bad.shape
+    size = g * length
+    cap = nonfinite_capacity(size)
+    flat = bad.reshape(-1)
+    rank = jnp.cumsum(flat.astype(jnp.int32))
+    pos = jnp.searchsorted(rank, jnp.arange(1, cap + 1, dtype=jnp.int32), side="left")
+    slots = jnp.where(pos < size, pos + 1, 0).astype(jnp.uint32)
+    overflow = jnp.any((flat & (rank > cap)).reshape(g, length), axis=1)
+    return pack_positions(slots, nonfinite_bits(size)), overflow
 
 
 def is_qarray(x: Any) -> bool:

@@ -211,7 +211,7 @@ def check_spec(spec: Any, where: str = "spec") -> None:
       >>> check_spec("nf4", "rules[0]")
       Traceback (most recent call last):
         ...
-      TypeError: rules[0] must be None or a spec (distq.Cast, ...), got str
+      TypeError: rules[0] must be None or a spec (...), got str
     """
     if spec is not None and not is_spec(spec):
         names = ", ".join(f"distq.{c.__name__}" for c in spec_types())

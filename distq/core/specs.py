@@ -2,17 +2,20 @@
 
 :class:`Scalar`, :class:`Uniform` and :class:`NF4` (scalar quantisers), :class:`PQ` (product
 quantisation, with its :class:`KMeans` configuration) and :class:`Cast` (mixed precision). They
-validate their fields when constructed and implement the spec protocol of
-:mod:`distq.core.spec`; their quantisers live in :mod:`distq.core.scalar`, :mod:`distq.core.pq`
-and :mod:`distq.core.cast`, registered there. This module imports neither JAX nor those
-modules, so specs can be built, compared and parsed from text (the command line's rules) before
-JAX is loaded.
+validate their fields when constructed (their types too: a bool field takes only ``True`` or
+``False``, an int field no bool or float, a float field only finite numbers; counts that reach
+jitted code stop at ``2**31 - 1``; an error names the field and what it allows) and implement
+the spec protocol of :mod:`distq.core.spec`; their quantisers live in :mod:`distq.core.scalar`,
+:mod:`distq.core.pq` and :mod:`distq.core.cast`, registered there. This module imports neither
+JAX nor those modules, so specs can be built, compared and parsed from text (the command line's
+rules) before JAX is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -48,20 +51,24 @@ def _check_grouping(axis, group_size, group_axis) -> None:
     if axis is not None:
         axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
         if not isinstance(axes, tuple) or not all(
-            isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes
+            isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+            for a in axes
         ):
             raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
+        for a in axes:
+            _checks.check_int(a, "axis", -_checks.INT32_MAX, _checks.INT32_MAX)
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+        if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size,
+                                                                      (int, np.integer)):
             raise TypeError(f"group_size must be a positive int, got {group_size!r}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        _checks.check_int(group_size, "group_size", 1, _checks.INT32_MAX)
         if axis is not None:
             raise ValueError("give either axis (per-channel) or group_size (per-group), not both")
-    if group_axis is not None and (
-        isinstance(group_axis, bool) or not isinstance(group_axis, (int, np.integer))
-    ):
-        raise TypeError(f"group_axis must be an int or None, got {group_axis!r}")
+    if group_axis is not None:
+        if isinstance(group_axis, (bool, np.bool_)) or not isinstance(group_axis,
+                                                                      (int, np.integer)):
+            raise TypeError(f"group_axis must be an int or None, got {group_axis!r}")
+        _checks.check_int(group_axis, "group_axis", -_checks.INT32_MAX, _checks.INT32_MAX)
 
 
 AUTO = "auto"
@@ -137,7 +144,7 @@ class Scalar(_ScalarGrid):
       p: companding exponent for plain family names (0 quantile, 1 ``pdf^(1/2)``, 2 ``pdf^(1/3)``);
         ``None`` picks the one that is asymptotically optimal for ``objective`` (2 for "mse", 1
         for "mae").
-      beta: range factor; ``None`` searches it (grid + zoom).
+      beta: range factor, in [1e-6, 1e6]; ``None`` searches it (grid + zoom).
       objective: "mse" or "mae": what the searches and the refinement minimise.
       refine: run Lloyd-Max iterations from the prior's codebook (optimal for the data).
       max_iter: iteration budget of the refinement.
@@ -193,27 +200,29 @@ class Scalar(_ScalarGrid):
 
     def __post_init__(self):
         _resolve_bits_n(self.bits, self.n)
-        if self.outliers != AUTO and self.outliers is not None and (
-                isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float))
-                or not 0 < self.outliers <= 0.25):
+        if not (isinstance(self.outliers, str) and self.outliers == AUTO) and (
+                self.outliers is not None and (
+                    isinstance(self.outliers, (bool, np.bool_))
+                    or not isinstance(self.outliers, numbers.Real)
+                    or not 0 < self.outliers <= 0.25)):
             raise ValueError(f"outliers must be a fraction in (0, 0.25], None or 'auto', "
                              f"got {self.outliers!r}")
         _checks.check_choice(self.objective, "objective", _OBJECTIVES)
+        if self.p is not None:
+            _checks.check_int(self.p, "p (companding exponent)", 0, 2)
         if self.dist is not None:
             D.parse_dist(self.dist, self.p)
-        elif self.p not in (None, 0, 1, 2):
-            raise ValueError(f"p must be 0, 1 or 2, got {self.p!r}")
-        if self.beta is not None and not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ValueError(f"beta must be a positive number or None, got {self.beta!r}")
-        if self.zero is not None and not isinstance(self.zero, (int, float)):
-            raise TypeError(f"zero must be a number or None, got {self.zero!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 0:
-            raise ValueError(f"max_iter must be a non-negative int, got {self.max_iter!r}")
-        if not isinstance(self.fit_size, int) or self.fit_size < 16:
-            raise ValueError(f"fit_size must be an int >= 16, got {self.fit_size!r}")
-        _check_grouping(None if self.axis == AUTO else self.axis, self.group_size,
-                        self.group_axis)
-        if self.scale_dtype != AUTO:
+        if self.beta is not None:
+            _checks.check_beta(self.beta)
+        if self.zero is not None:
+            _checks.check_zero(self.zero)
+        _checks.check_bool(self.refine, "refine")
+        _checks.check_int(self.max_iter, "max_iter", 0, _checks.INT32_MAX)
+        _checks.check_bool(self.robust, "robust")
+        _checks.check_int(self.fit_size, "fit_size", 16, _checks.INT32_MAX)
+        _check_grouping(None if isinstance(self.axis, str) and self.axis == AUTO else self.axis,
+                        self.group_size, self.group_axis)
+        if not (isinstance(self.scale_dtype, str) and self.scale_dtype == AUTO):
             _check_scale_dtype(self.scale_dtype)
 
     @property
@@ -331,6 +340,7 @@ class Uniform(_ScalarGrid):
 
     def __post_init__(self):
         _checks.check_bits(self.bits)
+        _checks.check_bool(self.symmetric, "symmetric")
         _check_grouping(self.axis, self.group_size, self.group_axis)
         _check_scale_dtype(self.scale_dtype)
 
@@ -468,22 +478,23 @@ class KMeans:
     verbose: bool = False
 
     def __post_init__(self):
-        _checks.check_int(self.k, "k", 1)
-        _checks.check_int(self.iters, "iters", 0)
-        _checks.check_int(self.coarse_iters, "coarse_iters", 0)
-        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or self.tol < 0:
-            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        big = _checks.INT32_MAX  # every count reaches jitted code as an int32
+        _checks.check_int(self.k, "k", 1, big)
+        _checks.check_int(self.iters, "iters", 0, big)
+        _checks.check_int(self.coarse_iters, "coarse_iters", 0, big)
+        _checks.check_float(self.tol, "tol", 0.0)
         _checks.check_choice(self.init, "init", _INITS)
         if self.seed_trials is not None:
-            _checks.check_int(self.seed_trials, "seed_trials", 1)
-        _checks.check_int(self.restarts, "restarts", 1)
+            _checks.check_int(self.seed_trials, "seed_trials", 1, big)
+        _checks.check_int(self.restarts, "restarts", 1, big)
         if self.sample is not None:
-            _checks.check_int(self.sample, "sample", 1)
+            _checks.check_int(self.sample, "sample", 1, big)
         if self.seed_sample is not None:
-            _checks.check_int(self.seed_sample, "seed_sample", 1)
+            _checks.check_int(self.seed_sample, "seed_sample", 1, big)
         if self.seed_score is not None:
-            _checks.check_int(self.seed_score, "seed_score", 1)
-        _checks.check_int(self.block, "block", 1)
+            _checks.check_int(self.seed_score, "seed_score", 1, big)
+        _checks.check_int(self.block, "block", 1, big)
+        _checks.check_bool(self.verbose, "verbose")
 
     @property
     def trials(self) -> int:
@@ -571,18 +582,13 @@ class PQ:
     verbose: bool = False
 
     def __post_init__(self):
-        if isinstance(self.m, bool) or not isinstance(self.m, (int, np.integer)):
-            raise TypeError(f"m (number of sub-spaces) must be an int, got {self.m!r}")
-        if self.m < 1:
-            raise ValueError(f"m (number of sub-spaces) must be >= 1, got {self.m}")
+        _checks.check_int(self.m, "m", 1, _checks.INT32_MAX)  # sub-spaces
         _checks.check_bits(self.bits)
-        if not isinstance(self.opq, bool):
-            raise TypeError(f"opq must be a bool, got {self.opq!r}")
+        _checks.check_bool(self.opq, "opq")
         _checks.check_choice(self.codebook_dtype, "codebook_dtype", _CODEBOOK_DTYPES)
         for name in ("opq_iters", "opq_lloyd_iters"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+            _checks.check_int(getattr(self, name), name, 0, _checks.INT32_MAX)
+        _checks.check_bool(self.verbose, "verbose")
         self.kmeans()  # validates the k-means fields
 
     kind: ClassVar[str] = "pq"

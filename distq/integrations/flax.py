@@ -10,7 +10,7 @@ Examples:
   >>> import jax.numpy as jnp, distq
   >>> from flax import serialization
   >>> tree = {"w": distq.quantize(jnp.arange(16.0).reshape(4, 4), distq.Uniform(bits=4))}
-  >>> sorted(serialization.to_state_dict(tree)["w"])  # arrays plus JSON metadata
+  >>> sorted(serialization.to_state_dict(tree)["w"].keys())  # arrays plus JSON metadata
   ['codes', 'metadata', 'scale']
   >>> back = serialization.msgpack_restore(serialization.to_bytes(tree))
   >>> w = serialization.from_state_dict(tree, back)["w"]  # or without a target: metadata

@@ -135,15 +135,15 @@ class CompressedKeyedVectors:
       key_to_index: ``{word: row}`` (derived from ``index_to_key``).
 
     Examples:
-      >>> import numpy as np, jax
+      >>> import numpy as np, jax, distq
       >>> from gensim.models import KeyedVectors
       >>> from distq.integrations.gensim import compress
-      >>> kv = KeyedVectors(16)
-      >>> kv.add_vectors([f"w{i}" for i in range(500)],
-      ...                np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32))
-      >>> ckv = compress(kv, key=jax.random.key(0))
+      >>> kv = KeyedVectors(10)
+      >>> kv.add_vectors([f"w{i}" for i in range(600)],
+      ...                np.random.default_rng(0).standard_normal((600, 10)).astype(np.float32))
+      >>> ckv = compress(kv, distq.PQ(m=5, bits=4, sample=500), key=jax.random.key(0))
       >>> ckv["w3"].shape, ckv.most_similar("w3", topn=2)[0][0] != "w3"
-      ((16,), True)
+      ((10,), True)
       >>> ckv.nbytes < kv.vectors.nbytes
       True
     """
@@ -462,7 +462,7 @@ def compress(model: Any, spec: P.PQ | None = None, *, key: jax.Array,
       >>> from distq.integrations.gensim import compress
       >>> import distq
       >>> ft = load_facebook_model(datapath("lee_fasttext.bin"))   # 1762 words, 1000 buckets, D=10
-      >>> ckv = compress(ft, distq.PQ(m=5, bits=8), key=jax.random.key(0))
+      >>> ckv = compress(ft, distq.PQ(m=5, bits=4, sample=500), key=jax.random.key(0))
       >>> ckv.get_vector("neverseenword").shape, ckv.bucket
       ((10,), 1000)
     """
