@@ -763,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable JSON output")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="what distq does, on built-in data, in a few seconds",
+    d = sub.add_parser("demo", help="what distq does, on built-in data, (about a minute, mostly compiling)",
                        description="Run the demo (python -m distq.demo).")
     d.set_defaults(func=cmd_demo)
     return p

@@ -54,7 +54,7 @@ def _codes(q) -> np.ndarray:
 
 # ============================================================ item 5: magnitudes (each example)
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("j", [-120, -60, 60, 126])
+@pytest.mark.parametrize("j", [-118, -60, 60, 126])
 def test_power_of_two_scaling_keeps_codes(name, j):
     """x * 2**j gets x's codes and decodes to x's decoded values times 2**j (exactly)."""
     spec = SPECS[name]
@@ -242,11 +242,13 @@ def test_float64_decodes_as_float64_with_x64():
 @pytest.mark.parametrize("name", ["scalar4", "int8", "int4-affine"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_jit_nonfinite_is_excluded_and_decodes_as_nan(name, bad):
-    """One NaN (inf) inserted: every other value gets exactly its code without it."""
+    """One NaN (inf) inserted: every other value gets exactly its code without it (the
+    clean array is quantised outside jit, which gives the codes jit gives: one compilation of
+    the whole search under jit is enough here)."""
     spec = SPECS[name]
     x = _base((63,))
     xn = np.insert(x, 20, bad).astype(np.float32)
-    q0, q1 = _jit_quantize(x, spec), _jit_quantize(xn, spec)
+    q0, q1 = distq.quantize(x, spec), _jit_quantize(xn, spec)
     np.testing.assert_array_equal(np.delete(_codes(q1).reshape(-1), 20), _codes(q0).reshape(-1))
     y0, y1 = np.asarray(q0.dequantize()), np.asarray(q1.dequantize())
     assert np.isnan(y1[20]) and np.isnan(np.asarray(q1.take(jnp.array([20])))[0])
@@ -293,7 +295,7 @@ def test_vmap_records_nonfinite_per_member():
 
 
 def test_fake_quantize_nonfinite_under_jit():
-    spec = distq.Scalar(bits=3)
+    spec = distq.Scalar(bits=3, dist="gaussian", beta=1.0)  # (a quick compilation)
     x = _base((63,))
     xn = jnp.asarray(np.insert(x, 7, np.nan))
     f = jax.jit(lambda a: distq.fake_quantize(a, spec))
