@@ -23,7 +23,7 @@ def partition(tree, filter_fn: Callable[[Any], bool] | None = None):
 
     Examples:
       >>> import jax, jax.numpy as jnp, distq, optax
-      >>> q, _ = distq.quantize_tree({"w": jnp.ones((8, 8))}, distq.Scalar(bits=4))
+      >>> q, _ = distq.quantize_tree({"w": jnp.ones((8, 8))}, distq.NF4())
       >>> train, rest = distq.partition(q)
       >>> jax.tree.map(lambda x: x.dtype, train)["w"].codes is None
       True

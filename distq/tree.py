@@ -141,11 +141,11 @@ def quantize_tree(
       >>> import jax, distq
       >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (256, 128)),
       ...                     "bias": jax.numpy.zeros(128)}}
-      >>> q, report = distq.quantize_tree(params, [(r".*kernel", distq.Scalar(bits=4))])
+      >>> q, report = distq.quantize_tree(params, [(r".*kernel", distq.NF4())])
       >>> type(q["dense"]["kernel"]).__name__, q["dense"]["bias"].shape
       ('QArray', (128,))
       >>> report.bytes_before, report.bytes_after, round(report.ratio, 1)
-      (131584, 17908, 7.3)
+      (131584, 19008, 6.9)
 
       A plan (:func:`distq.plan`) is accepted as the rules, so a dry run shows what happens:
 

@@ -68,7 +68,7 @@ def test_doctests(name: str) -> None:
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
     tests = finder.find(module, name)  # globals: a copy of the module's, as in pytest
-    runner = doctest.DocTestRunner(optionflags=OPTIONFLAGS)
+    runner = doctest.DocTestRunner(verbose=False, optionflags=OPTIONFLAGS)  # not "-v" in argv
     report: list[str] = []
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         for test in sorted(tests, key=lambda t: t.name):

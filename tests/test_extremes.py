@@ -192,10 +192,21 @@ def test_pq_offset_does_not_cost_accuracy(rows):
         return float(((x - y) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
     assert err(rows + np.float32(1e4)) < 1.05 * err(rows)
-    # search distances come back in the data's units, from a frame without the offset
-    q = distq.pq.fit(jax.random.key(0), rows * np.float32(1e20), _PQ)
-    d, i = q.search(q.encode(rows * np.float32(1e20)), rows[:3] * np.float32(1e20), k=1)
-    assert np.all(np.isfinite(np.asarray(d)))
+
+
+@pytest.mark.parametrize("j", [40, 66])
+def test_pq_search_at_extreme_magnitudes(rows, j):
+    """Search ranks in the codebooks' frame and reports distances in the data's units
+    (``inf`` where a squared distance exceeds float32, as for 2**66-sized rows)."""
+    def search(x):
+        pq = distq.pq.fit(jax.random.key(0), x, _PQ)
+        return pq.search(pq.encode(x), x[:3], k=2)
+
+    d0, i0 = search(rows)
+    d1, i1 = search(np.ldexp(rows, j).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i0))
+    want = np.ldexp(np.asarray(d0, np.float64), 2 * j)
+    np.testing.assert_array_equal(np.asarray(d1), np.where(want > _checks.F32_MAX, np.inf, want))
 
 
 # =========================================================== item 6: float64, float16, bfloat16
@@ -219,10 +230,10 @@ def test_input_dtype_is_recorded_and_restored(dtype):
         q = distq.quantize(x, spec)
         assert q.dtype == name
         assert q.dequantize().dtype == out and q.take(jnp.arange(2)).dtype == out
-    m = np.random.default_rng(0).standard_normal((64, 8)).astype(dtype)
-    p = distq.quantize(m, distq.PQ(m=2, bits=4))
+    m = np.random.default_rng(0).standard_normal((512, 16)).astype(dtype)
+    p = distq.quantize(m, _PQ)
     assert p.dtype == name and p.dequantize().dtype == out
-    qt = quantitize(m, sub_size=2, n_cluster=16)
+    qt = quantitize(m, sub_size=4, n_cluster=16)
     assert qt.dtype == np.dtype(dtype) and qt.decode().dtype == np.dtype(dtype)
     assert qt[3].dtype == np.dtype(dtype)
 
@@ -295,7 +306,7 @@ def test_vmap_records_nonfinite_per_member():
 
 
 def test_fake_quantize_nonfinite_under_jit():
-    spec = distq.Scalar(bits=3, dist="gaussian", beta=1.0)  # (a quick compilation)
+    spec = SPECS["int4-affine"]
     x = _base((63,))
     xn = jnp.asarray(np.insert(x, 7, np.nan))
     f = jax.jit(lambda a: distq.fake_quantize(a, spec))
@@ -312,7 +323,7 @@ def test_fake_quantize_nonfinite_under_jit():
 def _group_twin(x: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
     """x with each of the spec's groups scaled by a power of two to a largest magnitude in
     [1, 2) (float64 arithmetic, exact), and each group's exponent."""
-    lay = layout_for(spec, x.shape)
+    lay = layout_for(spec.resolve(x.shape), x.shape)
     rows = np.asarray(lay.to_rows(jnp.asarray(x)), np.float64)
     amax = np.abs(rows).max(axis=1)
     e = np.where(amax > 0, np.frexp(np.where(amax > 0, amax, 1.0))[1] - 1, 0)

@@ -129,11 +129,11 @@ def take_rows(arr: P.PQArray, rows: Any) -> np.ndarray:
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize, take_rows
-      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
-      >>> q = quantitize(x, sub_size=5)
+      >>> x = np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=4, n_cluster=16)
       >>> rows = take_rows(q.array, [[0, 5], [7, 0]])
       >>> rows.shape, rows.dtype, bool((rows[1, 1] == q[0]).all())
-      ((2, 2, 40), dtype('float32'), True)
+      ((2, 2, 32), dtype('float32'), True)
     """
     rows = np.asarray(rows, np.int64)
     flat = rows.reshape(-1)
@@ -165,12 +165,12 @@ class Quantitized:
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize
-      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
-      >>> q = quantitize(x, sub_size=5)
-      >>> q.shape, q.dtype, q.nbytes        # 5 codes of 8 bits per row + 5 x 256 x 8 floats
-      ((1024, 40), dtype('float32'), 46080)
+      >>> x = np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=4, n_cluster=16)
+      >>> q.shape, q.dtype, q.nbytes        # 4 codes of 4 bits per row + 4 x 16 x 8 floats
+      ((512, 32), dtype('float32'), 3072)
       >>> q[3].shape, q[[0, 2]].shape, np.asarray(q).shape
-      ((40,), (2, 40), (1024, 40))
+      ((32,), (2, 32), (512, 32))
     """
 
     array: P.PQArray
@@ -327,8 +327,8 @@ class Quantitized:
         Examples:
           >>> import os, tempfile, numpy as np
           >>> from distq.compat import Quantitized, quantitize
-          >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
-          >>> q = quantitize(x, sub_size=5)
+          >>> x = np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32)
+          >>> q = quantitize(x, sub_size=4, n_cluster=16)
           >>> folder = tempfile.TemporaryDirectory()
           >>> f = os.path.join(folder.name, "vectors.npz")
           >>> q.save(f)
@@ -409,16 +409,16 @@ def quantitize(matrix: Any, sub_size: int = 8, n_cluster: int = 256, n_iter: int
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize
-      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
-      >>> q = quantitize(x, sub_size=5)             # 5 parts of 8 values, 256 centroids each
-      >>> q.indexes.dtype, bool(q.indexes.max() > 127)   # unsigned: codes above 127 are fine
-      (dtype('uint8'), True)
-      >>> q.nbytes == 1024 * 5 + 5 * 256 * 8 * 4         # 1 byte per code + float32 codebooks
+      >>> x = np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=4, n_cluster=16)    # 4 parts of 8 values, 16 centroids each
+      >>> q.indexes.shape, q.indexes.dtype               # unsigned codes (uint8 up to 256 centroids)
+      ((512, 4), dtype('uint8'))
+      >>> q.nbytes == 512 * 4 // 2 + 4 * 16 * 8 * 4      # 4-bit codes, packed + float32 codebooks
       True
       >>> quantitize(x, sub_size=7)
       Traceback (most recent call last):
       ...
-      ValueError: sub_size=7 sub-spaces must divide the row length D=40
+      ValueError: sub_size=7 sub-spaces must divide the row length D=32
     """
     matrix = _as_float_matrix(matrix, "matrix")
     n, dim = (int(s) for s in matrix.shape)
@@ -538,10 +538,11 @@ def compression_report(original: Any, compressed: Any, vocab: Any = None, *,
     Examples:
       >>> import numpy as np
       >>> from distq.compat import quantitize, compression_report
-      >>> x = np.random.default_rng(0).standard_normal((1024, 40)).astype(np.float32)
-      >>> r = compression_report(x, quantitize(x, sub_size=5), vocab=[f"w{i}" for i in range(1024)])
-      >>> round(r.ratio, 1), r.seed_style_nbytes > r.nbytes, 0.8 < r.mean_cosine < 1
-      (3.6, True, True)
+      >>> x = np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32)
+      >>> q = quantitize(x, sub_size=4, n_cluster=16)
+      >>> r = compression_report(x, q, vocab=[f"w{i}" for i in range(512)])
+      >>> round(r.ratio, 1), r.seed_style_nbytes > r.nbytes, 0.6 < r.mean_cosine < 1
+      (21.3, True, True)
     """
     x = np.asarray(original)
     if x.ndim != 2:

@@ -102,7 +102,7 @@ def arrays_nbytes(*arrays) -> int:
       16
     """
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays
-               if a is not None)
+               if hasattr(a, "shape") and hasattr(a, "dtype"))  # None (or a label) counts 0
 
 
 def leaf_state(q: Any) -> dict:

@@ -234,7 +234,7 @@ class PQArray(LeafBase):
     @property
     def batch_shape(self) -> tuple[int, ...]:
         """Leading axes added by ``vmap`` (``()`` for one matrix)."""
-        return tuple(self.codes.shape[:-1])
+        return tuple(getattr(self.codes, "shape", (0,))[:-1])  # () when a tree map put labels here
 
     @property
     def T(self) -> "PQArrayT":  # noqa: N802 (numpy's name)

@@ -139,7 +139,7 @@ class QArray(LeafBase):
     Examples:
       >>> import jax, distq
       >>> x = jax.random.normal(jax.random.key(0), (256, 64))
-      >>> q = distq.quantize(x, distq.Scalar(bits=4))
+      >>> q = distq.quantize(x, distq.Uniform(bits=4))
       >>> q.shape, q.bits, q.dequantize().shape
       ((256, 64), 4, (256, 64))
       >>> q.nbytes < x.nbytes / 7
@@ -177,7 +177,7 @@ class QArray(LeafBase):
     @property
     def batch_shape(self) -> tuple[int, ...]:
         """Leading axes added by ``vmap`` (``()`` for a QArray of one array)."""
-        return tuple(self.codes.shape[:-1])
+        return tuple(getattr(self.codes, "shape", (0,))[:-1])  # () when a tree map put labels here
 
     @property
     def value_size(self) -> int:
@@ -296,7 +296,8 @@ class QArray(LeafBase):
         if self.loc is not None:
             out = out + self.loc.astype(jnp.float32)[group]
         if self.nonfinite is not None:
-            hit = jnp.any(pos[..., None] == self.nonfinite_positions(), axis=-1)
+            slots = self.nonfinite_positions()
+            hit = jnp.any(pos[..., None] == slots.reshape((1,) * pos.ndim + slots.shape), axis=-1)
             out = jnp.where(hit, jnp.nan, out)
         return out.reshape(r.shape + tuple(self.value_shape[1:])).astype(
             dtype or output_dtype(self.dtype))

@@ -218,6 +218,8 @@ def _checked(fn):
         traced = not _checks.is_concrete(x)
         if not traced:  # float64 beyond float32's range: refused by name, not as "NaN/inf"
             x = _checks.check_float32_range(x)
+            if dtype != "float32":  # float32 before the jitted stages: one compilation per
+                x = jnp.asarray(x).astype(jnp.float32)  # shape, whatever the input's dtype
         resolved = spec.resolve(tuple(np.shape(x)))
         q, diag = fn(x, resolved, traced)
         if not traced:

@@ -154,7 +154,9 @@ def spec_types() -> tuple[type, ...]:
 
 
 def leaf_types() -> tuple[type, ...]:
-    """The registered leaf classes."""
+    """The registered leaf classes (the built-in ones loaded on first use)."""
+    if not _LEAVES:
+        _load(_BUILTIN_IMPLS)
     return tuple(_LEAVES.values())
 
 

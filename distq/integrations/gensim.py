@@ -138,12 +138,12 @@ class CompressedKeyedVectors:
       >>> import numpy as np, jax, distq
       >>> from gensim.models import KeyedVectors
       >>> from distq.integrations.gensim import compress
-      >>> kv = KeyedVectors(10)
-      >>> kv.add_vectors([f"w{i}" for i in range(600)],
-      ...                np.random.default_rng(0).standard_normal((600, 10)).astype(np.float32))
-      >>> ckv = compress(kv, distq.PQ(m=5, bits=4, sample=500), key=jax.random.key(0))
+      >>> kv = KeyedVectors(32)
+      >>> kv.add_vectors([f"w{i}" for i in range(512)],
+      ...                np.random.default_rng(0).standard_normal((512, 32)).astype(np.float32))
+      >>> ckv = compress(kv, distq.PQ(m=4, bits=4), key=jax.random.key(0))
       >>> ckv["w3"].shape, ckv.most_similar("w3", topn=2)[0][0] != "w3"
-      ((10,), True)
+      ((32,), True)
       >>> ckv.nbytes < kv.vectors.nbytes
       True
     """
