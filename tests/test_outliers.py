@@ -12,6 +12,7 @@ from hypothesis import given, settings
 import distq
 from distq.core import bitpack
 from distq.core import qarray as qa
+from distq.core.leaf import arrays_nbytes
 
 
 def _heavy(shape, seed=0):
@@ -45,7 +46,7 @@ def test_outliers_are_the_extreme_values_and_decode_to_float16(shape, spec):
     # true bytes: codes + codebook + scales/locs + positions (ceil(log2 size) bits) + values
     bits = max(1, (x.size - 1).bit_length())
     assert q.index_bits == bits
-    expected = (bitpack.packed_nbytes(x.size, q.bits) + 4 * q.n + qa.arrays_nbytes(q.scale, q.loc)
+    expected = (bitpack.packed_nbytes(x.size, q.bits) + 4 * q.n + arrays_nbytes(q.scale, q.loc)
                 + 4 * qa.position_words(k, bits) + 2 * k)
     assert q.nbytes == expected
 

@@ -259,11 +259,12 @@ def _encode_generic(x, t, lv, *, k, packbits):
 
 def _sums(flat: np.ndarray, shift=None) -> tuple[np.float32, np.float32]:
     """``sum(x - shift)`` and ``sum((x - shift)**2)`` in float32, in an order fixed by the
-    values' positions alone: rows of ``_STAT_ROW`` values (a pairwise sum and an unrolled dot
-    product each), then a pairwise sum of the rows' sums. XLA's reductions over the parts of a
-    split input (its head, main part and tail follow the buffer's 64-byte alignment) would add
-    in an order that follows the address, and the same values would give statistics 1 ulp apart
-    at different addresses (and so different codebooks)."""
+    values' positions alone: rows of ``_STAT_ROW`` values (NumPy's unrolled SIMD sum and dot
+    product, whose order follows the positions, aligned or not), then a pairwise sum of the
+    rows' sums. XLA's reductions over the parts of a split input (its head, main part and tail
+    follow the buffer's 64-byte alignment) would add in an order that follows the address, and
+    the same values would give statistics 1 ulp apart at different addresses (and so different
+    codebooks)."""
     size = flat.size
     whole = size // _STAT_ROW * _STAT_ROW
     p1, p2 = [], []
@@ -274,10 +275,10 @@ def _sums(flat: np.ndarray, shift=None) -> tuple[np.float32, np.float32]:
             v = np.subtract(v, shift, dtype=np.float32)
         if stop <= whole:
             rows = v.reshape(-1, _STAT_ROW)
-            p1.append(np.add.reduce(rows, axis=1))
+            p1.append(np.einsum("ij->i", rows))
             p2.append(np.einsum("ij,ij->i", rows, rows))
         else:  # the last, partial row
-            p1.append(np.add.reduce(v, keepdims=True))
+            p1.append(np.einsum("i->", v).reshape(1))
             p2.append(np.einsum("i,i->", v, v).reshape(1))
     return np.add.reduce(np.concatenate(p1)), np.add.reduce(np.concatenate(p2))
 
