@@ -110,16 +110,21 @@ def test_out_of_range_groups_are_refused_with_the_range(name, mag, match):
 
 
 def test_subnormal_input_is_scaled_exactly():
-    """A group of subnormal values next to normal ones keeps its relative values."""
+    """Subnormal values (which XLA reads as 0) are scaled by their bits: a group of them gets
+    the codes of its values scaled up; on its own it is refused (its decoded levels would be
+    subnormal), next to groups 2**24 times larger it is kept and decodes as 0."""
+    spec = distq.NF4(group_size=16)
     x = _base((4, 16), seed=3)
     x[1] = np.ldexp(x[1], -140)  # every value of row 1 subnormal (or 0)
-    q = distq.quantize(x, distq.NF4(group_size=16))
-    # row 1's group is refused (its decoded levels would be subnormal)...
     with pytest.raises(ValueError, match="at least 1.48e-37"):
-        distq.quantize(x[1:2], distq.NF4(group_size=16))
-    # ...but its codes, taken on exactly scaled values, are those of the unscaled row
-    r = distq.quantize(np.ldexp(x[1:2], 140).astype(np.float32), distq.NF4(group_size=16))
-    np.testing.assert_array_equal(_codes(q)[1], _codes(r)[0])
+        distq.quantize(x[1:2], spec)
+    q = distq.quantize(x, spec)
+    up = np.ldexp(x[1:2], 140).astype(np.float32)
+    np.testing.assert_array_equal(_codes(q)[1], _codes(distq.quantize(up, spec))[0])
+    y = np.asarray(q.dequantize())
+    assert not y[1].any()
+    rest = np.delete(np.arange(4), 1)
+    np.testing.assert_array_equal(y[rest], np.asarray(distq.quantize(x[rest], spec).dequantize()))
 
 
 def test_float16_scales_are_refused_outside_their_range():
