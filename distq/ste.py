@@ -66,10 +66,10 @@ def fake_quantize(x: jax.Array, spec, clip: bool = True) -> jax.Array:
     x = jnp.asarray(x)
     xs = jax.lax.stop_gradient(x)
     q = spec.resolve(tuple(xs.shape)).quantize(xs)
-    if isinstance(q, QArray) and q.nonfinite is not None:
-        # decode every finite value (a group marked for unrecorded non-finite values keeps its
-        # scale's magnitude); NaN exactly where x is not finite
-        q = dataclasses.replace(q, scale=jnp.abs(q.scale), nonfinite=None)
+    if isinstance(q, QArray):
+        # every finite value decoded (a group that held non-finite values is marked by the sign
+        # of its scale: its magnitude decodes the rest); NaN exactly where x is not finite
+        q = dataclasses.replace(q, scale=jnp.abs(q.scale))
     xq = jnp.where(jnp.isfinite(xs), q.dequantize(x.dtype), jnp.nan).astype(x.dtype)
     xq = jax.lax.stop_gradient(xq)
     if not clip or not isinstance(q, QArray):

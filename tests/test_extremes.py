@@ -7,6 +7,7 @@ either end of float32's range. distq scales every group by a power of two first 
 ``ValueError`` that names the range.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -21,7 +22,7 @@ import distq
 from distq import compat
 from distq.compat import quantitize
 from distq.core import _checks
-from distq.core.qarray import layout_for, nonfinite_bits, nonfinite_capacity, position_words
+from distq.core.qarray import layout_for
 
 F32_TINY = 2.0 ** -126
 SPECS = {
@@ -255,59 +256,57 @@ def test_float64_decodes_as_float64_with_x64():
 
 
 # ============================================================== item 7: non-finite under jit
+def _finite_decode(q):
+    """What the finite values of a group marked for non-finite ones decode to."""
+    return np.asarray(dataclasses.replace(q, scale=jnp.abs(q.scale)).dequantize())
+
+
 @pytest.mark.parametrize("name", ["scalar4", "int8", "int4-affine"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_jit_nonfinite_is_excluded_and_decodes_as_nan(name, bad):
-    """One NaN (inf) inserted: every other value gets exactly its code without it (the
-    clean array is quantised outside jit, which gives the codes jit gives: one compilation of
-    the whole search under jit is enough here)."""
+    """One NaN (inf) inserted: every other value gets exactly its code without it, and no
+    value of the group that held it decodes as a number (the clean array is quantised outside
+    jit, which gives the codes jit gives: one compilation of the search under jit is enough)."""
     spec = SPECS[name]
     x = _base((63,))
     xn = np.insert(x, 20, bad).astype(np.float32)
     q0, q1 = distq.quantize(x, spec), _jit_quantize(xn, spec)
     np.testing.assert_array_equal(np.delete(_codes(q1).reshape(-1), 20), _codes(q0).reshape(-1))
-    y0, y1 = np.asarray(q0.dequantize()), np.asarray(q1.dequantize())
-    assert np.isnan(y1[20]) and np.isnan(np.asarray(q1.take(jnp.array([20])))[0])
-    np.testing.assert_array_equal(np.delete(y1, 20), y0)
-    # nbytes stays honest: the recorded positions are what it adds
-    words = position_words(nonfinite_capacity(64), nonfinite_bits(64))
-    assert q1.nbytes == distq.quantize(np.append(x, 0.5), spec).nbytes + 4 * words
+    y1 = np.asarray(q1.dequantize())
+    assert np.isnan(y1).all() and np.isnan(np.asarray(q1.take(jnp.array([20, 3])))).all()
+    assert np.signbit(np.asarray(q1.scale)).all()
+    np.testing.assert_array_equal(np.delete(_finite_decode(q1), 20), np.asarray(q0.dequantize()))
+    # nothing is stored for it: nbytes is that of any array of the shape
+    assert q1.nbytes == distq.quantize(np.append(x, 0.5), spec).nbytes
     with pytest.raises(ValueError, match="NaN/inf"):  # outside jit: refused, as before
         distq.quantize(xn, spec)
 
 
-def test_jit_nonfinite_in_groups_and_beyond_the_recorded_positions():
+def test_jit_nonfinite_marks_only_its_groups():
     spec = SPECS["nf4-g16"]
     x = _base((16, 8))
-    xn, xc = x.copy(), x.copy()
-    i = np.argsort(np.abs(x).reshape(-1, 16), axis=1)[:, 0]  # not a group's absmax: its
-    flat_n, flat_c = xn.reshape(-1), xc.reshape(-1)          # replacement by 0 changes nothing
+    i = np.argsort(np.abs(x).reshape(-1, 16), axis=1)[:, 0]  # not a group's absmax: replacing
+    xn, xc = x.copy(), x.copy()                                # it by 0 changes no statistic
     for g in (1, 5):
-        flat_n[16 * g + i[g]], flat_c[16 * g + i[g]] = np.nan, 0.0
-    q0, q1 = _jit_quantize(xc, spec), _jit_quantize(xn, spec)
-    np.testing.assert_array_equal(_codes(q0)[np.isfinite(xn).reshape(-1, 16)],
-                                  _codes(q1)[np.isfinite(xn).reshape(-1, 16)])
-    y1 = np.asarray(q1.dequantize())
-    assert np.array_equal(np.isnan(y1), ~np.isfinite(xn))
-    # more non-finite values than recorded positions (4 for 128 values): the first four
-    # (flat positions 0, 8, 16, 24: blocks 0 and 1) decode as NaN alone; block 2 holds the
-    # unrecorded ones (32, 40) and decodes as NaN entirely; every other block as without them
-    xm = x.copy()
-    xm[:6, 0] = np.inf
-    ym = np.asarray(_jit_quantize(xm, spec).dequantize()).reshape(-1, 16)
-    y0 = np.asarray(_jit_quantize(x, spec).dequantize()).reshape(-1, 16)
-    bad = ~np.isfinite(xm.reshape(-1, 16))
-    assert np.isnan(ym[bad]).all() and np.isnan(ym[2]).all()
-    np.testing.assert_array_equal(ym[3:], y0[3:])
-    assert np.isfinite(ym[:2][~bad[:2]]).all()
+        xn.reshape(-1)[16 * g + i[g]], xc.reshape(-1)[16 * g + i[g]] = np.nan, 0.0
+    xn.reshape(-1)[16 * 5 + (i[5] + 1) % 16] = -np.inf  # two in one group
+    q0, q1 = distq.quantize(xc, spec), _jit_quantize(xn, spec)
+    finite = np.isfinite(xn).reshape(-1, 16)
+    np.testing.assert_array_equal(_codes(q1)[finite], _codes(q0)[finite])
+    y0, y1 = (np.asarray(q.dequantize()).reshape(-1, 16) for q in (q0, q1))
+    hit = ~finite.all(axis=1)
+    assert np.isnan(y1[hit]).all()
+    np.testing.assert_array_equal(y1[~hit], y0[~hit])
+    ok = _finite_decode(q1).reshape(-1, 16)
+    np.testing.assert_array_equal(ok[finite & hit[:, None]], y0[finite & hit[:, None]])
 
 
-def test_vmap_records_nonfinite_per_member():
+def test_vmap_marks_nonfinite_per_member():
     x = _base((4, 32))
     x[2, 5] = np.nan
     qs = jax.vmap(lambda a: distq.quantize(a, SPECS["int8"]))(x)
     y = np.asarray(qs.dequantize())
-    assert np.array_equal(np.isnan(y), np.isnan(x))
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()
 
 
 def test_fake_quantize_nonfinite_under_jit():

@@ -210,7 +210,7 @@ F32_TINY = 2.0 ** -126  # float32's smallest normal number
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _pow2(e):
+def pow2(e):
     """``2.0 ** e`` as float32 for int32 ``e`` in -126..127 (its bits, no arithmetic)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -218,7 +218,7 @@ def _pow2(e):
     return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
 
 
-def _exponent_of_bits(b):
+def exponent_of_bits(b):
     """``floor(log2 v)`` of the non-negative float32 whose bits are the int32 ``b`` (0 for 0)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -241,7 +241,7 @@ def exponent(v):
     import jax.numpy as jnp  # noqa: PLC0415
 
     b = jax.lax.bitcast_convert_type(jnp.asarray(v, jnp.float32), jnp.int32) & 0x7FFFFFFF
-    return _exponent_of_bits(b)
+    return exponent_of_bits(b)
 
 
 def max_exponent(v, axis=-1):
@@ -252,7 +252,7 @@ def max_exponent(v, axis=-1):
     import jax.numpy as jnp  # noqa: PLC0415
 
     b = jax.lax.bitcast_convert_type(jnp.asarray(v, jnp.float32), jnp.int32) & 0x7FFFFFFF
-    return _exponent_of_bits(jnp.max(b, axis=axis))
+    return exponent_of_bits(jnp.max(b, axis=axis))
 
 
 def ldexp(x, e):
@@ -283,4 +283,4 @@ def ldexp(x, e):
     # monotonic, so it over- or underflows only where the result does
     e1 = e // 3 + (e % 3 != 0).astype(jnp.int32) * (e < 0).astype(jnp.int32)  # toward 0
     e2 = (e - e1) // 2 + ((e - e1) % 2 != 0).astype(jnp.int32) * (e < 0).astype(jnp.int32)
-    return x * _pow2(e1) * _pow2(e2) * _pow2(e - e1 - e2)
+    return x * pow2(e1) * pow2(e2) * pow2(e - e1 - e2)

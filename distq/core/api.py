@@ -26,7 +26,8 @@ def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
     float32's largest number (3.4e38), or non-zero ones that would round to 0 (below 1.4e-45),
     is refused with a ``ValueError``. Any finite float32 magnitude works: each group of values
     is scaled by a power of two (exactly) before its statistics, so ``x * 2**j`` gets the codes
-    of ``x``. A group the spec cannot store is refused with a ``ValueError`` that names the
+    of ``x`` (PQ computes its distances on rows centred per column and scaled the same way, so
+    neither magnitude nor a common offset costs it accuracy). A group the spec cannot store is refused with a ``ValueError`` that names the
     range: one whose scale falls outside ``scale_dtype``'s normal range (for float32 and
     bfloat16 below 1.2e-38, for float16 outside [6.1e-5, 65504]), whose decoded levels would be
     closer than 1.2e-38 (XLA flushes smaller numbers to zero; e.g. ``Uniform(bits=8)`` needs a
@@ -39,11 +40,13 @@ def quantize(x: Any, spec: Any = None, *, key: jax.Array | None = None) -> Any:
 
     Non-finite values under ``jit``/``vmap`` (outside them NaN/inf input raises a
     ``ValueError``): they are excluded from every statistic and codebook fit (zero weight), so
-    every finite value gets exactly the code it would get without them, and they decode as NaN.
-    A scalar quantiser's leaf made under a trace records their positions (up to one per 4096
-    values, at least one: a few bytes, counted in ``nbytes``; QArray's ``nonfinite`` field); a
-    group holding more of them than that decodes entirely as NaN. Out-of-range groups are not
-    refused under a trace: their scale is stored as it rounds (0 or inf).
+    every finite value gets exactly the code it would get without them, and they decode as
+    NaN. Nothing is stored for them (``nbytes`` is unchanged): a scalar quantiser marks the
+    group that held them by the sign bit of its scale, and that group decodes entirely as NaN,
+    so no non-finite value ever decodes as a number (its finite values keep their codes;
+    ``abs(q.scale)`` decodes them, which :func:`distq.fake_quantize` does: its output is NaN
+    exactly at the non-finite values). Out-of-range groups are not refused under a trace:
+    their scale is stored as it rounds (0 or inf).
 
     Args:
       x: a floating-point array (NumPy, JAX, or anything ``jnp.asarray`` takes).

@@ -115,10 +115,15 @@ class QArray(LeafBase):
         layout's ``(groups, group_len)`` view.
       codebook: the reconstruction levels in standardised units, shape ``(n,)``, or ``None`` for
         a uniform grid (``grid``).
-      scale: per-group scale, shape ``(groups,)``.
+      scale: per-group scale, shape ``(groups,)``; never negative, except that a QArray made
+        under a trace (``jit``/``vmap``, where non-finite input cannot be refused) sets the sign
+        bit of the scale of a group that held non-finite values: that group decodes as NaN
+        (its finite values keep their codes, and ``abs(scale)`` decodes them).
       loc: per-group location, shape ``(groups,)``, or ``None`` when it is zero everywhere.
-      value_shape, dtype: of the original array (``dequantize`` restores both); ``shape`` adds
-        the batch axes of a QArray made under ``vmap``.
+      value_shape, dtype: of the original array (``dequantize`` restores both; a float64
+        array decodes as float32 while JAX runs without ``jax_enable_x64``, see
+        :func:`output_dtype`: values are represented in float32); ``shape`` adds the batch axes
+        of a QArray made under ``vmap``.
       bits: bits per code; ``n``: number of levels (``<= 2**bits``).
       method: "distributional", "uniform", "nf4", ... (informational).
       layout: the grouping, a :class:`Layout`.
@@ -128,13 +133,6 @@ class QArray(LeafBase):
       n_outliers: how many values are kept apart.
       grid: ``(first, step)`` when the levels are ``first + step * code`` and no codebook is
         stored (affine and absmax integer grids), else ``None``.
-      nonfinite: for a QArray made under a trace (``jit``/``vmap``), where non-finite input
-        cannot be refused: the positions of up to :func:`nonfinite_capacity` non-finite values
-        (in row order, each stored plus one, bit-packed ``nonfinite_bits`` wide, 0 for an unused
-        slot), which decode as NaN; a group holding further non-finite values has the sign bit
-        of its scale set (scales are otherwise never negative) and decodes as NaN entirely (its
-        finite values keep their codes, and ``abs(scale)``). ``None`` otherwise (nothing
-        stored).
 
     Examples:
       >>> import jax, distq
@@ -153,7 +151,7 @@ class QArray(LeafBase):
 
     kind: ClassVar[str] = "qarray"
     array_fields: ClassVar[tuple[str, ...]] = (
-        "codes", "codebook", "scale", "loc", "outlier_index", "outlier_value", "nonfinite")
+        "codes", "codebook", "scale", "loc", "outlier_index", "outlier_value")
     records_dtype: ClassVar[bool] = True  # dtype is the caller's, even where JAX held float32
 
     codes: jax.Array
@@ -169,7 +167,6 @@ class QArray(LeafBase):
     outlier_index: jax.Array | None = None
     outlier_value: jax.Array | None = None
     n_outliers: int = dataclasses.field(default=0, metadata=dict(static=True))
-    nonfinite: jax.Array | None = None
     grid: tuple[float, float] | None = dataclasses.field(default=None,
                                                          metadata=dict(static=True))
 
@@ -213,20 +210,10 @@ class QArray(LeafBase):
         return unpack_positions(self.outlier_index, self.index_bits, self.n_outliers)
 
     def group_scale(self) -> jax.Array:
-        """``scale`` as float32 for decoding: NaN for a group marked as holding unrecorded
-        non-finite values (see ``nonfinite``)."""
+        """``scale`` as float32 for decoding: NaN for a group marked as having held non-finite
+        values (the sign bit of its scale, see ``scale``)."""
         s = self.scale.astype(jnp.float32)
-        if self.nonfinite is None:
-            return s
         return jnp.where(jnp.signbit(s), jnp.nan, s)
-
-    def nonfinite_positions(self) -> jax.Array:
-        """Positions (row order, int32) of the recorded non-finite values; ``value_size`` (out of
-        range) for an unused slot."""
-        size = self.value_size
-        p = unpack_positions(self.nonfinite, nonfinite_bits(size), nonfinite_capacity(size))
-        p = p.astype(jnp.int32)
-        return jnp.where(p == 0, size, p - 1)
 
     def codes_unpacked(self) -> jax.Array:
         """The codes as integers in the layout's ``(groups, group_len)`` shape."""
@@ -255,8 +242,6 @@ class QArray(LeafBase):
         rows = rows * self.group_scale()[:, None]
         if self.loc is not None:
             rows = rows + self.loc.astype(jnp.float32)[:, None]
-        if self.nonfinite is not None:
-            rows = rows.reshape(-1).at[self.nonfinite_positions()].set(jnp.nan, mode="drop")
         out = self.layout.from_rows(rows, self.value_shape)
         return out.astype(dtype or output_dtype(self.dtype))
 
@@ -295,10 +280,6 @@ class QArray(LeafBase):
         out = z * self.group_scale()[group]
         if self.loc is not None:
             out = out + self.loc.astype(jnp.float32)[group]
-        if self.nonfinite is not None:
-            slots = self.nonfinite_positions()
-            hit = jnp.any(pos[..., None] == slots.reshape((1,) * pos.ndim + slots.shape), axis=-1)
-            out = jnp.where(hit, jnp.nan, out)
         return out.reshape(r.shape + tuple(self.value_shape[1:])).astype(
             dtype or output_dtype(self.dtype))
 
@@ -321,7 +302,6 @@ class QArray(LeafBase):
             f"QArray(shape={self.shape}, dtype={self.dtype}, method={self.method!r}, "
             f"bits={self.bits}, n={self.n}, layout={self.layout.kind}, "
             + (f"outliers={self.n_outliers}, " if self.n_outliers else "")
-            + ("nonfinite=recorded, " if self.nonfinite is not None else "")
             + f"nbytes={self.nbytes})"
         )
 
@@ -367,7 +347,6 @@ class QArray(LeafBase):
                 outlier_value=_optional(arrays.get("outlier_value")),
                 n_outliers=int(metadata.get("outliers", 0)),
                 grid=None if grid is None else (float(grid[0]), float(grid[1])),
-                nonfinite=_optional(arrays.get("nonfinite")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"corrupt QArray metadata or arrays: {e!r}") from None
@@ -420,12 +399,6 @@ class QArray(LeafBase):
                 raise ValueError(f"QArray.outlier_index must be {words} uint32 words")
             if member(self.outlier_value, "outlier_value") != (k,):
                 raise ValueError(f"QArray.outlier_value must have shape ({k},)")
-        if self.nonfinite is not None:
-            size = self.value_size
-            words = position_words(nonfinite_capacity(size), nonfinite_bits(size))
-            if self.nonfinite.dtype != jnp.uint32 or member(self.nonfinite, "nonfinite") != (
-                    words,):
-                raise ValueError(f"QArray.nonfinite must be {words} uint32 words")
 
 
 def layout_for(spec, shape: tuple[int, ...]) -> Layout:
@@ -510,32 +483,6 @@ def output_dtype(name: str):
     """The dtype ``dequantize`` returns for a recorded dtype name: the name itself, except that
     float64 is float32 while JAX runs without ``jax_enable_x64`` (it has no float64 then)."""
     return jax.dtypes.canonicalize_dtype(jnp.dtype(name))
-
-
-def nonfinite_capacity(size: int) -> int:
-    """How many non-finite positions a QArray of ``size`` values made under a trace records
-    (four, and one more per 4096 values): a few words, counted in ``nbytes``."""
-    return min(size, 4 + size // 4096)
-
-
-def nonfinite_bits(size: int) -> int:
-    """Bits per recorded non-finite position (stored plus one: 0 marks an unused slot)."""
-    return max(1, size.bit_length())
-
-
-def record_nonfinite(bad: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Records the first :func:`nonfinite_capacity` positions where ``bad`` (``(groups,
-    group_len)``, row order) is set; returns the packed positions and, per group, whether it
-    holds positions beyond them (its scale gets its sign bit set: it decodes as NaN)."""
-    g, length = bad.shape
-    size = g * length
-    cap = nonfinite_capacity(size)
-    flat = bad.reshape(-1)
-    rank = jnp.cumsum(flat.astype(jnp.int32))
-    pos = jnp.searchsorted(rank, jnp.arange(1, cap + 1, dtype=jnp.int32), side="left")
-    slots = jnp.where(pos < size, pos + 1, 0).astype(jnp.uint32)
-    overflow = jnp.any((flat & (rank > cap)).reshape(g, length), axis=1)
-    return pack_positions(slots, nonfinite_bits(size)), overflow
 
 
 def is_qarray(x: Any) -> bool:

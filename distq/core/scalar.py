@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from . import bitpack
 from . import distributions as D
 from . import search as S
 from . import spec as _spec
-from .qarray import QArray, layout_for, outlier_values, pack_positions, record_nonfinite
+from .qarray import QArray, layout_for, outlier_values, pack_positions
 from .specs import AUTO, INPUT_AXIS, NF4, Scalar, Uniform, nf4_levels
 
 # ------------------------------------------------------------------------------------- helpers
@@ -52,13 +52,11 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
 
 
 def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout, grid=None,
-           finite=None, traced=False) -> QArray:
-    """The QArray; under a trace (``traced``), the positions of non-finite values are recorded
-    (:func:`distq.core.qarray.record_nonfinite`) so that they decode as NaN."""
-    nonfinite = None
-    if traced:
-        nonfinite, overflow = record_nonfinite(~finite)
-        scale = jnp.where(overflow, -scale, scale)  # (-0.0 too: the sign bit marks the group)
+           nonfinite=None) -> QArray:
+    """The QArray; a group that held non-finite values (``nonfinite``; possible only under a
+    trace) gets the sign bit of its scale set (-0.0 too), so that it decodes as NaN."""
+    if nonfinite is not None:
+        scale = jnp.where(nonfinite, -scale, scale)
     return QArray(
         codes=_pack(codes, bits),
         codebook=None if codebook is None else codebook.astype(jnp.float32),
@@ -71,7 +69,6 @@ def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout, grid=N
         n=n,
         method=method,
         layout=layout,
-        nonfinite=nonfinite,
     )
 
 
@@ -82,12 +79,67 @@ def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout, grid=N
 # never leave float32's normal range, and a value's code does not depend on its magnitude.
 # Non-finite values (possible only under a trace: outside one the input is checked) are replaced
 # by 0 there and excluded from every statistic and fit.
-def _unit_rows(rows: jax.Array):
-    """``(finite mask, k per group, rows in unit space with non-finite values as 0)``."""
-    finite = jnp.isfinite(rows)
-    safe = jnp.where(finite, rows, 0.0)
-    k = -_checks.max_exponent(safe, axis=1)
-    return finite, k, _checks.ldexp(safe, k[:, None])
+_INF_BITS = 0x7F800000  # magnitude bits at and above: inf, NaN
+
+
+class _Summary(NamedTuple):
+    """Per group: the power of two ``k`` of the unit space, the largest finite magnitude and the
+    largest and smallest finite value there, whether it is constant (or has no finite value),
+    and whether it held non-finite values."""
+
+    k: jax.Array
+    amax: jax.Array
+    hi: jax.Array
+    lo: jax.Array
+    const: jax.Array
+    nonfinite: jax.Array
+
+
+def _summary(rows: jax.Array) -> _Summary:
+    """One pass over the values: a variadic reduction of three maxima (separate reductions of
+    the same values, or more operands, run several times slower on XLA:CPU), and no
+    communication between the shards of a sharded array beyond the groups' own.
+
+    XLA's float comparisons see a subnormal value as 0, so they are taken by its mantissa (an
+    integer below ``2**23``, exactly a float): a group of subnormal values still gets its exact
+    largest magnitude; their extremes are then exact to ``2**-126``, far below what a group
+    whose scale is representable can resolve."""
+    b = jax.lax.bitcast_convert_type(rows, jnp.int32)
+    fin = jnp.isfinite(rows)
+    big = jnp.float32(_checks.F32_MAX)  # (not inf: a select of -inf stops the vectorising)
+    # a subnormal value's mantissa; 2**24 (above any) where a value is not finite
+    odd = jnp.where(fin, jnp.where((b & _INF_BITS) == 0, (b & 0x7FFFFF).astype(jnp.float32),
+                                   0.0), jnp.float32(2.0 ** 24))
+    ops = (jnp.where(fin, rows, -big), jnp.where(fin, -rows, -big), odd)
+    hi, neg_lo, odd = jax.lax.reduce(ops, (-big, -big, jnp.float32(0.0)),
+                                     lambda p, q: tuple(jnp.maximum(a, c) for a, c in zip(p, q)),
+                                     (1,))
+    nonfinite = odd >= 2.0 ** 24
+    some = hi >= -neg_lo  # any finite value
+    amax = jnp.where(some, jnp.maximum(hi, neg_lo), 0.0)
+    # all subnormal (or 0): the largest mantissa times 2**-149
+    sub_only = (amax < _checks.F32_TINY) & (odd > 0) & ~nonfinite
+    e = jnp.where(sub_only, _checks.exponent(odd) - 149, _checks.exponent(amax))
+    k = -e
+    amax_u = jnp.where(sub_only, _checks.ldexp(odd, k - 149), _checks.ldexp(amax, k))
+    unit = lambda v: jnp.where(some, _checks.ldexp(v, k), 0.0)  # noqa: E731
+    hi_u, lo_u = unit(hi), unit(-neg_lo)
+    # (a group of subnormal values counts as varying: comparisons cannot tell)
+    return _Summary(k, amax_u, hi_u, lo_u, ~(hi > -neg_lo) & ~sub_only, nonfinite)
+
+
+def _in_unit(rows: jax.Array, k: jax.Array, fn):
+    """``fn(rows in unit space)``: the rows times ``2**k`` per group, exactly (subnormal values
+    by their mantissa, which XLA would read as 0), non-finite values as 0; results below the
+    normal range are 0. Fused into ``fn``'s pass over the values: a few operations each."""
+    kn = jnp.clip(k, -126, 127)
+    f1, f2 = _checks.pow2(kn), _checks.pow2(jnp.clip(k - kn, -1, 0))  # (2**k, k >= -127)
+    g = jnp.where(k >= 23, _checks.pow2(jnp.clip(k - 149, -126, 0)), 0.0)  # subnormal: m * g
+    b = jax.lax.bitcast_convert_type(rows, jnp.int32)
+    m = (b & 0x7FFFFF).astype(jnp.float32)
+    sub = jnp.where(b < 0, -m, m) * g[:, None]
+    u = jnp.where((b & _INF_BITS) == 0, sub, rows * f1[:, None] * f2[:, None])
+    return fn(jnp.where(jnp.isfinite(rows), u, 0.0))
 
 
 def _stored(v_unit: jax.Array, k: jax.Array, dtype: str):
@@ -110,11 +162,11 @@ def _dtype_range(dtype: str) -> tuple[float, float]:
     return float(info.tiny), float(info.max)
 
 
-def _diagnose(spec, k, amax_u, scale_u, scale, gap, ext_u, live, finite, const=None,
+def _diagnose(spec, k, amax_u, scale_u, scale, gap, ext_u, live, nonfinite, const=None,
               const_u=None, const_stored=None):
     """Problems a concrete input is refused for (see :func:`_raise_problems`), as a few scalars:
-    ``(flags, non-finite count, the first bad group's [amax, step, scale, extreme] in unit
-    space, its k)``.
+    ``(flags, groups holding non-finite values, the first bad group's [amax, step, scale,
+    extreme] in unit space, its k)``.
 
     ``scale_u``: each group's scale in unit space as computed, ``scale``: as stored (true
     units, 0 or inf where it is out of range); ``gap``: the smallest distance between levels,
@@ -141,7 +193,7 @@ def _diagnose(spec, k, amax_u, scale_u, scale, gap, ext_u, live, finite, const=N
     for p in (p_step, p_const, p_scale):
         i = jnp.where(jnp.any(p), jnp.argmax(p), i)
     vals = jnp.stack([amax_u[i], step_u[i], scale_u[i], ext_u[i]])
-    return flags, jnp.sum(~finite), vals, k[i]
+    return flags, jnp.sum(nonfinite), vals, k[i]
 
 
 def _group_range(spec) -> tuple[str, float, float] | None:
@@ -165,8 +217,8 @@ def _raise_problems(spec, diag, name: str) -> None:
     """Raises a ``ValueError`` naming the range for an input a spec cannot represent."""
     flags, bad, vals, k = jax.device_get(diag)
     if int(bad):
-        raise ValueError(f"x contains {int(bad)} NaN/inf value(s); quantisation needs finite "
-                         "input (mask or replace them first)")
+        raise ValueError(f"x contains NaN/inf values (in {int(bad)} group(s)); quantisation "
+                         "needs finite input (mask or replace them first)")
     flags = int(flags)
     if not flags:
         return
@@ -208,7 +260,7 @@ def _raise_problems(spec, diag, name: str) -> None:
 
 
 def _checked(fn):
-    """The registered quantiser: runs ``fn(x, spec, traced)``; outside a trace it refuses input
+    """The registered quantiser: runs ``fn(x, spec, checked)``; outside a trace it refuses input
     that is not finite or out of the spec's range (``ValueError``), and the QArray records the
     caller's dtype (``x`` may be a NumPy float64 array, which JAX holds as float32)."""
 
@@ -221,7 +273,7 @@ def _checked(fn):
             if dtype != "float32":  # float32 before the jitted stages: one compilation per
                 x = jnp.asarray(x).astype(jnp.float32)  # shape, whatever the input's dtype
         resolved = spec.resolve(tuple(np.shape(x)))
-        q, diag = fn(x, resolved, traced)
+        q, diag = fn(x, resolved, not traced)
         if not traced:
             _raise_problems(resolved, diag, _spec.spec_str(spec))
         return q if q.dtype == dtype else dataclasses.replace(q, dtype=dtype)
@@ -320,38 +372,60 @@ def _pad_sorted(zs: jax.Array, w: jax.Array | None, bucket: int):
     return zs, jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
 
 
-def _masked_moments(u: jax.Array, finite: jax.Array, length: int):
+def _masked_moments(u: jax.Array, n_bad: jax.Array, length: int):
     """Mean and standard deviation per row over the finite values only (sample std, ddof 1,
-    for rows of more than one value)."""
-    cnt = jnp.sum(finite, axis=1).astype(jnp.float32)
-    mean = jnp.sum(jnp.where(finite, u, 0.0), axis=1) / jnp.maximum(cnt, 1.0)
-    dev = jnp.where(finite, u - mean[:, None], 0.0)
+    for rows of more than one value); ``u`` holds 0 for the ``n_bad`` others, whose share
+    of the squared deviations (``mean**2`` each) is taken out."""
+    cnt = jnp.float32(length) - n_bad
+    mean = jnp.sum(u, axis=1) / jnp.maximum(cnt, 1.0)
+    dev = u - mean[:, None]
     ddof = 1.0 if length > 1 else 0.0
-    var = jnp.sum(dev * dev, axis=1) / jnp.maximum(cnt - ddof, 1.0)
-    return mean, jnp.sqrt(var)
+    ss = jnp.maximum(jnp.sum(dev * dev, axis=1) - n_bad * mean * mean, 0.0)
+    return mean, jnp.sqrt(ss / jnp.maximum(cnt - ddof, 1.0))
 
 
-def _prepare_scalar(x: jax.Array, spec: Scalar):
+_SETTLE_BITS = 12
+
+
+def _settled(centre: jax.Array, spread: jax.Array):
+    """``spread`` rounded to 12 significant bits, ``centre`` to a multiple of ``2**-12`` of it
+    (unit space). A sum's last bits depend on the order of its additions, which XLA chooses
+    (per device count and sharding); rounded, the same values give the same statistics, and so
+    the same codebook and codes, whether the array is sharded or not (about 1e-4 of the spread
+    is far below anything a codebook, fitted to the standardised values, can see)."""
+    def to_grid(v, e):  # v rounded to a multiple of 2**e
+        return _checks.ldexp(jnp.round(_checks.ldexp(v, -e)), e)
+
+    e = _checks.exponent(spread) - (_SETTLE_BITS - 1)
+    spread = jnp.where(spread > 0, to_grid(spread, e), spread)
+    return jnp.where(spread > 0, to_grid(centre, e), centre), spread
+
+
+def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     """Stage 1 (compiled per shape, cheap): group statistics and the sorted fitting samples.
 
-    Everything is computed in each group's unit space (see :func:`_unit_rows`), over its finite
-    values only (the others get zero weight in the fit)."""
+    Everything is computed in each group's unit space (see :func:`_summary`), over its finite
+    values only (the others get zero weight in the fit). ``checked``: the input is known to be
+    finite (outside a trace, where anything else is refused), so an unweighted sample of one
+    group needs no weights (the fit is faster without)."""
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
     g, length = rows.shape
-    finite, k, u = _unit_rows(rows)
-    cmax = jnp.max(jnp.where(finite, u, -jnp.inf), axis=1)
-    const = cmax <= jnp.min(jnp.where(finite, u, jnp.inf), axis=1)  # (or no finite value)
-    cmax = jnp.where(jnp.isfinite(cmax), cmax, 0.0)
+    sm = _summary(rows)
+    k, const = sm.k, sm.const
+    u = _in_unit(rows, k, lambda v: v)
+    finite = jnp.isfinite(rows)
+    n_bad = jnp.sum(~finite, axis=1).astype(jnp.float32)
     if spec.robust:
         un = jnp.where(finite, u, jnp.nan)
         centre = jnp.nanmedian(un, axis=1)
         spread = 1.482602218505602 * jnp.nanmedian(jnp.abs(un - centre[:, None]), axis=1)
         # a group whose MAD is 0 (mostly one value) falls back to its standard deviation
-        spread = jnp.where(spread > 0, spread, _masked_moments(u, finite, length)[1])
+        spread = jnp.where(spread > 0, spread, _masked_moments(u, n_bad, length)[1])
         centre = jnp.where(jnp.isfinite(centre), centre, 0.0)
     else:
-        centre, spread = _masked_moments(u, finite, length)
+        centre, spread = _masked_moments(u, n_bad, length)
+    centre, spread = _settled(centre, spread)
     live = (spread > 0) & ~const
     spread0 = spread
     spread, spread_u = _stored(jnp.where(live, spread, 1.0), k, spec.scale_dtype)
@@ -364,7 +438,7 @@ def _prepare_scalar(x: jax.Array, spec: Scalar):
 
     classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
     zsorted, weights = {}, {}
-    w_fit = finite.astype(jnp.float32)
+    w_fit = None  # per-value weights of the fitted sample (None: 1, or 0 where not finite)
     if g > 1:
         # each group's values weigh as its scale (squared for "mse") relative to the largest,
         # so that the shared codebook minimises the error in the data's own units
@@ -372,8 +446,8 @@ def _prepare_scalar(x: jax.Array, spec: Scalar):
         e_top = jnp.max(jnp.where(live, e, jnp.iinfo(jnp.int32).min))
         rel = jnp.where(live, _checks.ldexp(safe_u, -k - e_top), 0.0)
         rel = jnp.where(jnp.any(live), rel, 1.0)
-        w_fit = w_fit * (rel * rel if spec.objective == "mse" else rel)[:, None]
-    w_fit = w_fit.reshape(-1)
+        w_fit = jnp.broadcast_to((rel * rel if spec.objective == "mse" else rel)[:, None],
+                                 rows.shape)
     k_out = spec.n_outliers(g * length)
     out_idx = None
     if k_out:
@@ -381,8 +455,11 @@ def _prepare_scalar(x: jax.Array, spec: Scalar):
         dev = jnp.abs((u - centre_u[:, None]) / safe_u[:, None])
         dev = jnp.where(finite, dev, -1.0).reshape(-1)
         _, out_idx = jax.lax.top_k(dev, k_out)
-        w_fit = w_fit.at[out_idx].set(0.0)
-    w_fit = _strided_sample(w_fit, spec.fit_size)
+        w_fit = (jnp.ones(rows.shape, jnp.float32) if w_fit is None else w_fit)
+        w_fit = w_fit.reshape(-1).at[out_idx].set(0.0).reshape(rows.shape)
+    if w_fit is not None:
+        w_fit = _strided_sample(jnp.where(finite, w_fit, 0.0).reshape(-1), spec.fit_size)
+    ok = _strided_sample(finite.reshape(-1), spec.fit_size)
     bucket = _fit_bucket(min(g * length, spec.fit_size), spec.fit_size)
     for cls, loc in (("A", centre_u), ("B", loc0_u)):
         if cls not in classes:
@@ -391,26 +468,34 @@ def _prepare_scalar(x: jax.Array, spec: Scalar):
         z = _strided_sample(z, spec.fit_size)
         # non-finite values sit with zero weight among the largest values, where the padding
         # goes too: the weighted sample is the same as without them
-        ok = _strided_sample(finite.reshape(-1), spec.fit_size)
         top = jnp.max(jnp.where(ok, z, -jnp.inf))
         z = jnp.where(ok, z, jnp.where(jnp.isfinite(top), top, 0.0))
-        zs, w = nx.sort_float(z, w_fit)
+        if w_fit is None:  # sorted alone; the last (largest, equal) ones are the non-finite
+            zs = nx.sort_float(z)
+            n = zs.shape[0]
+            w = None if checked else (jnp.arange(n) < n - jnp.sum(~ok)).astype(jnp.float32)
+        else:
+            zs, w = nx.sort_float(z, w_fit)
         zsorted[cls], weights[cls] = _pad_sorted(zs, w, bucket)
-    stats = (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, cmax,
-             finite, out_idx)
+    stats = (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, sm.hi,
+             sm.amax, sm.nonfinite, out_idx)
     return stats, zsorted, weights
 
 
-def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, traced: bool = False):
+def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):
     """Stage 3 (compiled per shape, cheap): codes against the fitted codebook."""
-    (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, cmax, finite,
-     out_idx) = stats
+    (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, cmax, amax,
+     nonfinite, out_idx) = stats
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
-    u = _checks.ldexp(jnp.where(finite, rows, 0.0), k[:, None])
     loc_u = jnp.where(use_a, centre_u, loc0_u)
-    z = (u - loc_u[:, None]) / safe_u[:, None]
-    codes = nx.bucketize(z, 0.5 * (codebook[1:] + codebook[:-1]))
+
+    def encode(u):
+        z = (u - loc_u[:, None]) / safe_u[:, None]
+        codes = nx.bucketize(z, 0.5 * (codebook[1:] + codebook[:-1]))
+        return codes, (None if out_idx is None else z.reshape(-1)[out_idx])
+
+    codes, z_out = _in_unit(rows, k, encode)
     scale = jnp.where(const, 0.0, spread)
     cval = _round_dtype(_checks.ldexp(cmax, -k), spec.scale_dtype)
     loc = jnp.where(const, cval, jnp.where(use_a, centre, loc0))
@@ -419,101 +504,104 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, traced: bool = False
     gap = jnp.min(jnp.where(d > 0, d, jnp.inf)) if spec.levels > 1 else jnp.float32(jnp.inf)
     lv_max = jnp.maximum(jnp.abs(codebook[0]), jnp.abs(codebook[-1]))
     ext = jnp.where(const, jnp.abs(cmax), jnp.abs(loc_u) + safe_u * lv_max)
-    amax = jnp.max(jnp.abs(u), axis=1)
-    diag = _diagnose(spec, k, amax, spread0, scale, gap, ext, live, finite, const, cmax, cval)
+    diag = _diagnose(spec, k, amax, spread0, scale, gap, ext, live, nonfinite, const, cmax,
+                     cval)
     q = _build(spec, x, codes, codebook, scale, loc, spec.code_bits, spec.levels,
-               "distributional", layout, None, finite, traced)
+               "distributional", layout, None, nonfinite)
     if out_idx is None:
         return q, diag
     idx = out_idx.astype(jnp.uint32)
     return dataclasses.replace(q, outlier_index=pack_positions(idx, q.index_bits),
-                               outlier_value=outlier_values(z.reshape(-1)[out_idx]),
+                               outlier_value=outlier_values(z_out),
                                n_outliers=int(out_idx.shape[0])), diag
 
 
 # The three stages are compiled separately: the expensive one (search + Lloyd-Max, stage 2)
 # sees only the padded sorted sample, so it compiles once per (spec, bucket) instead of once per
 # tensor shape. Inside a caller's jit they are inlined into one computation.
-_prepare_jit = jax.jit(_prepare_scalar, static_argnums=1)
+_prepare_jit = jax.jit(_prepare_scalar, static_argnums=(1, 2))
 _fit_jit = jax.jit(_fit_codebook, static_argnums=(2, 3))
-_encode_jit = jax.jit(_encode_scalar, static_argnums=(1, 5))
+_encode_jit = jax.jit(_encode_scalar, static_argnums=1)
 
 
-def _quantize_scalar(x: jax.Array, spec: Scalar, traced: bool = False):
+def _quantize_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     spec = spec.resolve(tuple(x.shape))
-    stats, zsorted, weights = _prepare_jit(x, spec)
+    stats, zsorted, weights = _prepare_jit(x, spec, checked)
     codebook, use_a = _fit_jit(zsorted, weights, spec, spec.levels)
-    return _encode_jit(x, spec, stats, codebook, use_a, traced)
+    return _encode_jit(x, spec, stats, codebook, use_a)
 
 
 # ------------------------------------------------------------------------------------ uniform
-def _quantize_uniform(x: jax.Array, spec: Uniform, traced: bool = False):
+def _quantize_uniform(x: jax.Array, spec: Uniform):
     bits = spec.bits
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
-    finite, k, u = _unit_rows(rows)
+    sm = _summary(rows)
+    k, amax = sm.k, sm.amax
     if spec.symmetric:
-        amax = jnp.max(jnp.abs(u), axis=1)
         if bits == 1:  # levels -1, +1
             grid, qmax = (-1.0, 2.0), 1
             scale, s_used = _stored(amax, k, spec.scale_dtype)
-            codes = (u >= 0).astype(jnp.int32)
+            codes = _in_unit(rows, k, lambda u: (u >= 0).astype(jnp.int32))
         else:  # levels -qmax..qmax
             qmax = (1 << (bits - 1)) - 1
             grid = (float(-qmax), 1.0)
             scale, s_used = _stored(amax / qmax, k, spec.scale_dtype)
             safe = _safe_scale(s_used, amax / qmax)
-            codes = jnp.clip(jnp.round(u / safe[:, None]), -qmax, qmax).astype(jnp.int32) + qmax
+            codes = _in_unit(rows, k, lambda u: jnp.clip(
+                jnp.round(u / safe[:, None]), -qmax, qmax).astype(jnp.int32) + qmax)
         diag = _diagnose(spec, k, amax, amax / qmax, scale, 1.0, s_used * qmax, amax > 0,
-                         finite)
+                         sm.nonfinite)
         return _build(spec, x, codes, None, scale, None, bits, spec.levels, "uniform", layout,
-                      grid, finite, traced), diag
+                      grid, sm.nonfinite), diag
     n = 1 << bits
-    hi = jnp.maximum(u.max(axis=1), 0.0)  # (non-finite values are 0 in u: no effect here)
-    lo = jnp.minimum(u.min(axis=1), 0.0)
+    hi = jnp.maximum(sm.hi, 0.0)
+    lo = jnp.minimum(sm.lo, 0.0)
     scale, s_used = _stored((hi - lo) / (n - 1), k, spec.scale_dtype)
     safe = _safe_scale(s_used, (hi - lo) / (n - 1))
     zp = jnp.clip(jnp.round(-lo / safe), 0, n - 1)
     loc, loc_used = _stored(-(zp * s_used), k, spec.scale_dtype)
-    codes = jnp.clip(jnp.round(u / safe[:, None]) + zp[:, None], 0, n - 1).astype(jnp.int32)
+    codes = _in_unit(rows, k, lambda u: jnp.clip(
+        jnp.round(u / safe[:, None]) + zp[:, None], 0, n - 1).astype(jnp.int32))
     # a constant group decodes exactly: scale 0 and the value itself as location
-    cval = jnp.max(jnp.where(finite, u, -jnp.inf), axis=1)
-    const = cval <= jnp.min(jnp.where(finite, u, jnp.inf), axis=1)
-    cval = jnp.where(jnp.isfinite(cval), cval, 0.0)
+    cval, const = sm.hi, sm.const
     cval_stored = _round_dtype(_checks.ldexp(cval, -k), spec.scale_dtype)
     scale = jnp.where(const, 0.0, scale)
     loc = jnp.where(const, cval_stored, loc)
     # decoding computes scale * code, then adds loc: both must stay finite
     ext = jnp.maximum(jnp.abs(loc_used), s_used * (n - 1))
-    ext = jnp.where(const, jnp.abs(cval), ext)
-    diag = _diagnose(spec, k, jnp.max(jnp.abs(u), axis=1), (hi - lo) / (n - 1), scale, 1.0,
-                     ext, ~const, finite, const, cval, cval_stored)
+    ext = jnp.where(const, amax, ext)
+    diag = _diagnose(spec, k, amax, (hi - lo) / (n - 1), scale, 1.0, ext, ~const,
+                     sm.nonfinite, const, cval, cval_stored)
     return _build(spec, x, codes, None, scale, loc, bits, n, "uniform", layout, (0.0, 1.0),
-                  finite, traced), diag
+                  sm.nonfinite), diag
 
 
 _NF4_GAP = float(np.min(np.diff(nf4_levels())))
 
 
-def _quantize_nf4(x: jax.Array, spec: NF4, traced: bool = False):
+def _quantize_nf4(x: jax.Array, spec: NF4):
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
-    finite, k, u = _unit_rows(rows)
+    sm = _summary(rows)
+    k, amax = sm.k, sm.amax
     codebook = jnp.asarray(nf4_levels())
-    amax = jnp.max(jnp.abs(u), axis=1)
     scale, s_used = _stored(amax, k, spec.scale_dtype)
     safe = _safe_scale(s_used, amax)
-    codes = nx.bucketize(u / safe[:, None], 0.5 * (codebook[1:] + codebook[:-1]))
-    diag = _diagnose(spec, k, amax, amax, scale, _NF4_GAP, s_used, amax > 0, finite)
-    return _build(spec, x, codes, codebook, scale, None, 4, 16, "nf4", layout, None, finite,
-                  traced), diag
+    t = 0.5 * (codebook[1:] + codebook[:-1])
+    codes = _in_unit(rows, k, lambda u: nx.bucketize(u / safe[:, None], t))
+    diag = _diagnose(spec, k, amax, amax, scale, _NF4_GAP, s_used, amax > 0, sm.nonfinite)
+    return _build(spec, x, codes, codebook, scale, None, 4, 16, "nf4", layout, None,
+                  sm.nonfinite), diag
 
 
-# Compiled once per (shape, dtype, spec); inside a caller's jit they are simply inlined.
+# Compiled once per (shape, spec); inside a caller's jit they are simply inlined. Each takes
+# (x, spec, checked): ``checked`` says that x is concrete (it is refused unless finite).
 _QUANTIZERS = {
     Scalar: _quantize_scalar,
-    Uniform: jax.jit(_quantize_uniform, static_argnums=(1, 2)),
-    NF4: jax.jit(_quantize_nf4, static_argnums=(1, 2)),
+    Uniform: (lambda f: lambda x, spec, checked: f(x, spec))(
+        jax.jit(_quantize_uniform, static_argnums=1)),
+    NF4: (lambda f: lambda x, spec, checked: f(x, spec))(jax.jit(_quantize_nf4, static_argnums=1)),
 }
 
 _spec.register_leaf(QArray)
