@@ -40,7 +40,7 @@ _QUANTIZERS: dict[type, Callable] = {}  # built-in spec class -> quantiser(x, sp
 
 # the built-ins, loaded by name the first time the registry needs them: the specs (no JAX), and
 # the quantisers with their leaf types (JAX); naming them here keeps the import graph acyclic
-_BUILTIN_SPECS = "distq.core.specs"
+_BUILTIN_SPECS = ("distq.core.specs",)
 _BUILTIN_IMPLS = ("distq.core.scalar", "distq.core.pq", "distq.core.cast")
 
 
