@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 _API: dict[str, tuple[str, str | None]] = {
     "bitpack": (".core.bitpack", None),
     "distributions": (".core.distributions", None),
+    "entropy": (".core.entropy", None),
     "kmeans": (".core.kmeans", None),
     "pq": (".core.pq", None),
     "search": (".core.search", None),
@@ -43,9 +44,11 @@ _API: dict[str, tuple[str, str | None]] = {
     "demo": (".demo", None),
     "export": (".export", None),
     "integrations": (".integrations", None),
+    "multihost": (".multihost", None),
     "nn": (".nn", None),
     "planning": (".planning", None),
     "prune": (".prune", None),
+    "runtime": (".runtime", None),
     "ste": (".ste", None),
     "train": (".train", None),
     "tree": (".tree", None),
@@ -60,6 +63,11 @@ _API: dict[str, tuple[str, str | None]] = {
     "NF4": (".core.specs", "NF4"),
     "Scalar": (".core.specs", "Scalar"),
     "Uniform": (".core.specs", "Uniform"),
+    "Rotated": (".core.specs_rotated", "Rotated"),
+    "RotatedArray": (".core.rotated", "RotatedArray"),
+    "VQ": (".core.specs_vq", "VQ"),
+    "VQArray": (".core.vq", "VQArray"),
+    "hadamard": (".core.hadamard", None),
     "nf4_levels": (".core.specs", "nf4_levels"),
     "dequantize": (".core.api", "dequantize"),
     "is_quantized": (".core.spec", "is_quantized"),
@@ -84,6 +92,7 @@ _API: dict[str, tuple[str, str | None]] = {
     "TreeReport": (".tree", "TreeReport"),
     "dequantize_tree": (".tree", "dequantize_tree"),
     "quantize_tree": (".tree", "quantize_tree"),
+    "quantized_apply": (".runtime", "quantized_apply"),
     "save": (".checkpoint", "save"),
     "load": (".checkpoint", "load"),
 }
@@ -91,6 +100,7 @@ _API: dict[str, tuple[str, str | None]] = {
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .core import bitpack as bitpack
     from .core import distributions as distributions
+    from .core import entropy as entropy
     from .core import kmeans as kmeans
     from .core import pq as pq
     from .core import search as search
@@ -104,6 +114,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .core.specs import NF4 as NF4
     from .core.specs import Scalar as Scalar
     from .core.specs import Uniform as Uniform
+    from .core.specs_rotated import Rotated as Rotated
+    from .core.rotated import RotatedArray as RotatedArray
+    from .core.specs_vq import VQ as VQ
+    from .core.vq import VQArray as VQArray
+    from .core import hadamard as hadamard
     from .core.specs import nf4_levels as nf4_levels
     from .core.api import dequantize as dequantize
     from .core.spec import is_quantized as is_quantized
@@ -128,6 +143,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .tree import TreeReport as TreeReport
     from .tree import dequantize_tree as dequantize_tree
     from .tree import quantize_tree as quantize_tree
+    from .runtime import quantized_apply as quantized_apply
     from .checkpoint import load as load
     from .checkpoint import save as save
 

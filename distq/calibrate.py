@@ -7,13 +7,29 @@ activation in a matrix product (``dot_general`` contracting one of the leaf's ax
 activation's Gram matrix ``H = X^T X`` over that axis. Nested ``jit`` calls and custom-derivative
 wrappers are followed; loops (``scan``/``while``) are run but not looked into.
 
+Each token (row of the activation) counts by its *relative* error by default: its outer product
+enters ``H`` divided by the squared norm of the layer's output for it,
+``H = sum_t x_t x_t^T / ||W x_t||^2`` (``Calibration(weighting="relative")``). Plain GPTQ's
+``X^T X`` lets a few tokens with massive activations (transformers grow them on separator and
+punctuation tokens, in a few feature dimensions) dominate the Gram matrix; rounding then buys
+their accuracy with errors larger than the output itself on every other token, although a
+following LayerNorm/RMSNorm divides each token by its own scale, so it is each token's relative
+error that the model sees. On MiniLM at 3 bits that made calibrated rounding worse than plain
+rounding (0.742 vs 0.830 cosine); with relative weights it is far better (see the README).
+
 Each leaf with a Gram matrix is then quantised in the style of GPTQ (Frantar et al., 2023):
 the spec first fixes the grid (its codebook, scales and locations, fitted to the weights as
 usual), then the inputs are visited one at a time, each column of weights is rounded to the grid
 and its rounding error is spread over the columns not yet rounded, in proportion to the inverse
 Gram matrix, so that the layer's *output* ``X W`` changes as little as possible. The columns are
 processed in blocks (one matrix product per block for the deferred updates) and, by default, in
-decreasing order of ``diag(H)`` (the most used inputs first).
+decreasing order of ``diag(H)`` (the most used inputs first). Calibration never loses to
+data-free rounding on its own objective: when the data-free codes give the lower output error
+(on the calibration Gram matrix), they are kept.
+
+A :class:`distq.Rotated` leaf is calibrated in its stored basis: the weight is rotated, and when
+the rotation acts on the contracted (input) axis the Gram matrix is too, ``H' = R H R^T``
+(rounding a rotated weight against an unrotated ``H`` would optimise the wrong objective).
 
 Examples:
   A layer ``x @ w`` on correlated inputs, quantised to 3 bits with and without calibration; the
@@ -39,6 +55,8 @@ References:
   for generative pre-trained transformers", ICLR 2023.
   B. Hassibi, D. Stork, "Second order derivatives for network pruning: Optimal Brain Surgeon",
   NeurIPS 1992.
+  M. Sun, X. Chen, J. Z. Kolter, Z. Liu, "Massive activations in large language models",
+  COLM 2024 (the few huge activations that dominate an unweighted ``X^T X``).
 """
 
 from __future__ import annotations
@@ -52,9 +70,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from .core import _checks
 from .core import _numerics as nx
 from .core import bitpack
+from .core import hadamard
+from .core import rotated as rot
 from .core.qarray import QArray, outlier_values
+from .core.specs_rotated import Rotated
+
+_WEIGHTINGS = ("relative", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +96,10 @@ class Calibration:
         activations produced by the leaves already quantised (so later layers compensate for
         earlier layers' errors); runs the traced forward op by op. Otherwise every Gram matrix
         comes from the float model in one compiled pass.
+      weighting: "relative" (default): each token (row of the activation) weighs by the
+        inverse squared norm of the float layer's output for it, so every token counts by its
+        relative error (what a following normalisation layer sees; see the module docstring);
+        "uniform": plain ``X^T X`` (GPTQ as published).
 
     Examples:
       >>> import jax, distq
@@ -94,10 +122,14 @@ class Calibration:
     act_order: bool = True
     refit: bool = True
     sequential: bool = False
+    weighting: str = "relative"
 
     def __post_init__(self):
         if not 0.0 <= self.damp < 10.0:
             raise ValueError(f"damp must be in [0, 10), got {self.damp}")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(_WEIGHTINGS)}, "
+                             f"got {self.weighting!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"block must be a positive int, got {self.block!r}")
 
@@ -121,17 +153,43 @@ def _bind(eqn, invals):
     return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _gram(x: jax.Array, axis: int) -> jax.Array:
+_HI = jax.lax.Precision.HIGHEST
+
+
+def gram(x: jax.Array, axis: int, weight: jax.Array | None = None,
+         weight_axis: int = 0) -> jax.Array:
+    """``X^T X`` of the activation ``x`` contracted along ``axis`` (every other axis a sample).
+
+    With the matrix ``weight`` it meets (contracted along ``weight_axis``), each sample
+    ``x_t`` counts by its relative error: ``sum_t x_t x_t^T / ||W x_t||^2`` (a sample whose
+    output norm is below ``1e-6`` of the mean counts as if it were that; all outputs zero:
+    uniform weights).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 10.0]])  # two tokens, the second one 10x larger
+      >>> w = jnp.eye(2)
+      >>> gram(x, 1).tolist(), gram(x, 1, w, 1).tolist()  # weighted: each token counts once
+      ([[1.0, 0.0], [0.0, 100.0]], [[1.0, 0.0], [0.0, 1.0]])
+    """
     x = jnp.moveaxis(x, axis, -1)
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return x.T @ x
+    if weight is None:
+        return jnp.matmul(x.T, x, precision=_HI)
+    w = jnp.moveaxis(weight.astype(jnp.float32), weight_axis, 0)  # (inputs, outputs)
+    n2 = jnp.sum(jnp.square(jnp.matmul(x, w, precision=_HI)), axis=1)
+    mean = jnp.mean(n2)
+    t = jnp.where(mean > 0, 1.0 / jnp.maximum(n2, 1e-6 * mean), 1.0)
+    return jnp.matmul((x * t[:, None]).T, x, precision=_HI)
 
 
 class _Interpreter:
     """Evaluates a jaxpr, collecting the Gram matrix of the input of each tracked matrix."""
 
-    def __init__(self, n_leaves: int, wanted: Sequence[bool], on_meet: Callable | None = None):
+    def __init__(self, n_leaves: int, wanted: Sequence[bool], on_meet: Callable | None = None,
+                 relative: bool = True):
         self.wanted = wanted
+        self.relative = relative
         self.grams: dict[tuple[int, int], jax.Array] = {}
         self.count: dict[tuple[int, int], int] = {}
         # sequential mode: on_meet(leaf, axis, H) -> dequantised leaf, used from then on
@@ -212,15 +270,21 @@ class _Interpreter:
             c_param = (lc, rc)[side][0]
             c_act = (lc, rc)[1 - side][0]
             key = (leaf, perm[c_param])
+            if self.relative:
+                def h_of(act, w=invals[side], c_param=c_param, c_act=c_act):
+                    return gram(act, c_act, w, c_param)
+            else:
+                def h_of(act, c_act=c_act):
+                    return gram(act, c_act)
             if self.on_meet is not None:
                 if leaf not in self.replaced:
-                    h = _gram(invals[1 - side], c_act)
+                    h = h_of(invals[1 - side])
                     self.replaced[leaf] = self.on_meet(leaf, perm[c_param], h)
                 if self.replaced[leaf] is not None:
                     invals[side] = jnp.transpose(self.replaced[leaf], perm).astype(
                         invals[side].dtype)
                 continue
-            g = _gram(invals[1 - side], c_act)
+            g = h_of(invals[1 - side])
             self.grams[key] = self.grams[key] + g if key in self.grams else g
             n = int(np.prod(invals[1 - side].shape)) // invals[1 - side].shape[c_act]
             self.count[key] = self.count.get(key, 0) + n
@@ -243,6 +307,12 @@ def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
       >>> grams = calibrate.collect(params, (apply_fn, (x,)), ["kernel", "weight"], [True, True])
       >>> {path: (axis, h.shape) for path, (axis, h) in grams.items()}
       {'kernel': (0, (4, 4)), 'weight': (1, (3, 3))}
+      >>> y = x @ params["kernel"]  # each token weighs by 1 / ||its output||^2 (relative)
+      >>> h = (x / jnp.sum(y * y, axis=1, keepdims=True)).T @ x
+      >>> bool(jnp.allclose(grams["kernel"][1], h, rtol=1e-4))
+      True
+      >>> uniform = calibrate.Calibration(weighting="uniform")  # plain X^T X, as in GPTQ
+      >>> grams = calibrate.collect(params, (apply_fn, (x,)), ["kernel"], [True], uniform)
       >>> bool(jnp.allclose(grams["kernel"][1], x.T @ x, rtol=1e-5))
       True
     """
@@ -254,7 +324,8 @@ def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
 
     @jax.jit
     def grams(leaves, args):
-        interp = _Interpreter(len(leaves), wanted)
+        interp = _Interpreter(len(leaves), wanted,
+                              relative=(options or Calibration()).weighting == "relative")
         tags = [(i, (0, 1)) if wanted[i] else None for i in range(len(leaves))]
         flat_args = jax.tree_util.tree_leaves(args)
         interp.run(closed.jaxpr, closed.consts, list(leaves) + flat_args,
@@ -306,7 +377,7 @@ def quantize_sequential(params, calibration, paths: Sequence[str], specs: Sequen
         done[paths[leaf]] = q
         return q.dequantize(jnp.float32) if hasattr(q, "dequantize") else None
 
-    interp = _Interpreter(len(leaves), wanted, on_meet)
+    interp = _Interpreter(len(leaves), wanted, on_meet, relative=opts.weighting == "relative")
     tags = [(i, (0, 1)) if wanted[i] else None for i in range(len(leaves))]
     flat_args = jax.tree_util.tree_leaves(args)
     interp.run(closed.jaxpr, closed.consts, list(leaves) + flat_args,
@@ -441,7 +512,11 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
     """Quantises matrix ``x`` with ``spec``'s grid, rounding to minimise the output error on
     the inputs summarised by ``gram = (contracted_axis, H)``.
 
-    Specs without a scalar grid (PQ, Cast) are quantised as usual.
+    The result is never worse than data-free rounding on that objective: if the spec's own
+    codes give a lower ``tr(D H D^T)`` (``D``: the error of the matrix), they are returned.
+    A :class:`distq.Rotated` spec is calibrated in its rotated basis (the Gram matrix rotated
+    too when the rotation acts on the contracted axis). Specs without a scalar grid (PQ,
+    Cast) are quantised as usual.
 
     Examples:
       >>> import jax, distq
@@ -457,13 +532,40 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
       >>> err = lambda q: calibrate.output_error(w.T, q.dequantize().T, h)
       >>> err(q) < err(q0) / 2
       True
+      >>> spec = distq.Rotated(distq.Uniform(bits=3, axis=1), axis=0)  # rotates the inputs
+      >>> qr = calibrate.quantize_calibrated(w, spec, (0, h))
+      >>> type(qr).__name__, err(qr) < err(distq.quantize(w, spec)) / 2
+      ('RotatedArray', True)
     """
     opts = options or Calibration()
+    axis, h = gram
+    if isinstance(spec, Rotated):
+        dtype = _checks.dtype_name(x)
+        xr, spec = rot.rotated_input(x, spec)
+        if spec.axis == axis:  # the inputs are rotated: H' = R H R^T
+            h = hadamard.rotate_gram(jnp.asarray(h, jnp.float32), spec.seed)
+        return rot.wrap(quantize_calibrated(xr, spec.spec, (axis, h), opts), spec, dtype)
     x = jnp.asarray(x)
     q0 = spec.quantize(x)
     if not isinstance(q0, QArray) or q0.ndim != 2:  # no scalar grid to round on
         return q0
-    axis, h = gram
+    q = _round_calibrated(x, spec, q0, axis, jnp.asarray(h, jnp.float32), opts)
+    # never worse than the data-free codes on the calibration objective
+    t = (lambda a: a.T) if axis == 0 else (lambda a: a)
+    w = t(x.astype(jnp.float32))
+    better = _weighted_error(w, t(q.dequantize(jnp.float32)), h) <= _weighted_error(
+        w, t(q0.dequantize(jnp.float32)), h)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), q, q0)
+
+
+def _weighted_error(w, wq, h):
+    """``tr(D H D^T)`` with ``D = wq - w`` laid out (outputs, inputs)."""
+    d = wq - w
+    return jnp.sum(d * jnp.matmul(d, jnp.asarray(h, jnp.float32), precision=_HI))
+
+
+def _round_calibrated(x, spec, q0: QArray, axis: int, h, opts: Calibration) -> QArray:
+    """GPTQ codes (and refitted levels, outlier values) on ``q0``'s grid."""
     scale = q0.per_value(q0.scale)
     loc = q0.per_value(q0.loc) if q0.loc is not None else jnp.zeros(q0.shape, jnp.float32)
     # columns = the contracted (input) axis
@@ -474,7 +576,7 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
         pos = q0.outlier_positions().astype(jnp.int32)
         exact = exact.at[pos].set(True)
     exact = q0.layout.from_rows(exact.reshape(g, -1), q0.shape)
-    codes, codebook, kept = _gptq_jit(t(x.astype(jnp.float32)), h.astype(jnp.float32),
+    codes, codebook, kept = _gptq_jit(t(x.astype(jnp.float32)), h,
                                       t(scale), t(loc), q0.levels(), opts, t(exact))
     codes = t(codes)
     rows = q0.layout.to_rows(codes.astype(jnp.uint32))
@@ -513,5 +615,5 @@ def output_error(x, xq, h) -> float:
     return float(jnp.trace(d @ h @ d.T) / jnp.trace(x @ h @ x.T))
 
 
-__all__ = ["Calibration", "collect", "quantize_all", "quantize_calibrated", "quantize_sequential",
-           "output_error"]
+__all__ = ["Calibration", "collect", "gram", "quantize_all", "quantize_calibrated",
+           "quantize_sequential", "output_error"]

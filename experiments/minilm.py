@@ -100,6 +100,26 @@ ROWS = [
      every_matrix(distq.Scalar(bits=3, axis=1, outliers=None)), True),
     ("calibrated scalar 4-bit + 0.5% outliers, per input column (float16 scales)",
      every_matrix(distq.Scalar(bits=4, axis=1, outliers=0.005, scale_dtype="float16")), True),
+    # rotations (distq.Rotated): a random-sign Hadamard x Hartley transform along the output
+    # axis (the automatic choice for a weight), undone at decode; the inner spec as usual
+    ("Scalar(bits=3) (default: input-channel scales + outliers, <= 3.19 bits)",
+     every_matrix(distq.Scalar(bits=3)), False),
+    ("calibrated Scalar(bits=3) (default)", every_matrix(distq.Scalar(bits=3)), True),
+    ("Rotated(Scalar(bits=4)) (default inner: input-channel scales + outliers)",
+     every_matrix(distq.Rotated(distq.Scalar(bits=4))), False),
+    ("Rotated scalar 4-bit, per input column",
+     every_matrix(distq.Rotated(distq.Scalar(bits=4, axis=1, outliers=None))), False),
+    ("Rotated(Scalar(bits=3)) (default inner)", every_matrix(distq.Rotated(distq.Scalar(bits=3))),
+     False),
+    ("Rotated scalar 3-bit, per input column",
+     every_matrix(distq.Rotated(distq.Scalar(bits=3, axis=1, outliers=None))), False),
+    ("Rotated NF4, blocks of 64", every_matrix(distq.Rotated(distq.NF4(group_size=64))), False),
+    ("calibrated Rotated(Scalar(bits=4))", every_matrix(distq.Rotated(distq.Scalar(bits=4))),
+     True),
+    ("calibrated Rotated(Scalar(bits=3))", every_matrix(distq.Rotated(distq.Scalar(bits=3))),
+     True),
+    ("calibrated Rotated scalar 3-bit, per input column",
+     every_matrix(distq.Rotated(distq.Scalar(bits=3, axis=1, outliers=None))), True),
 ]
 
 

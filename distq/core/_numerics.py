@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -47,7 +48,7 @@ def sort_float(x: jax.Array, payload: jax.Array | None = None):
     return _key_float(key), payload
 
 
-def _two_sum(a, b):
+def two_sum(a, b):
     """Error-free sum: ``a + b == s + e`` exactly (Knuth's TwoSum)."""
     s = a + b
     bb = s - a
@@ -56,8 +57,8 @@ def _two_sum(a, b):
 
 def _df_add(x, y):
     """Sum of two double-float numbers ``(hi, lo)`` (about 48 bits of precision)."""
-    s, e = _two_sum(x[0], y[0])
-    return _two_sum(s, e + x[1] + y[1])
+    s, e = two_sum(x[0], y[0])
+    return two_sum(s, e + x[1] + y[1])
 
 
 class PrefixSums(NamedTuple):
@@ -83,7 +84,7 @@ class PrefixSums(NamedTuple):
 
     def range(self, a: jax.Array, b: jax.Array) -> jax.Array:
         """``sum(v[a:b])`` for integer index arrays ``a <= b``."""
-        s, e = _two_sum(self.hi[b], -self.hi[a])
+        s, e = two_sum(self.hi[b], -self.hi[a])
         return s + (e + (self.lo[b] - self.lo[a]))
 
 
@@ -277,6 +278,228 @@ def lloyd_sorted(
             zs[jnp.clip(cand, 0, n_pts - 1)],
             new,
         )
+        return jnp.sort(new)
+
+    def cond(state):
+        _, it, delta = state
+        return (it < max_iter) & (delta > tol * span)
+
+    def body(state):
+        lv, it, _ = state
+        new = step(lv)
+        return new, it + 1, jnp.max(jnp.abs(new - lv))
+
+    lv, it, _ = lax.while_loop(cond, body, (init.astype(dt), jnp.int32(0), jnp.array(jnp.inf, dt)))
+    return lv, it
+
+
+# ------------------------------------------------------------------------ histogram densities
+# The codebook of a large tensor is fitted to a fine histogram of (a sample of) its
+# standardised values instead of to the sorted values themselves: binning a sample costs one
+# scatter (sorting it cost ~20x more on XLA:CPU), its integer counts add up exactly in any order
+# (so the shards of a sharded array all-reduce them and get the same counts as one device),
+# and the codebook search sees a fixed number of bins whatever the tensor's size, so it
+# compiles once. Each bin is read as a uniform density: cells are cut at their exact
+# thresholds inside a bin, so Lloyd-Max converges to the density's optimum; on a set of point
+# masses (a sample, or bin means) it stalls at one of their many discrete fixed points, which
+# at 4 bits on 2**16 points costs 0.3 % of squared error and at 6 bits on 2**-9-wide bins 29 %.
+HIST_HALF_RANGE = 16  # uniform bins over [-16, 16) (standard deviations) ...
+HIST_STEP_BITS = 8  # ... of width 2**-8;
+HIST_TAIL_BITS = 4  # beyond, 2**4 bins per octave up to float32's largest number
+_TAIL_E0 = HIST_HALF_RANGE.bit_length() - 1  # the first tail octave's exponent (16 = 2**4)
+_NU = (2 * HIST_HALF_RANGE) << HIST_STEP_BITS
+_NT = (128 - _TAIL_E0) << HIST_TAIL_BITS
+HIST_BINS = _NU + 2 * _NT
+
+
+@functools.lru_cache(maxsize=1)
+def hist_edges() -> "np.ndarray":
+    """The ``HIST_BINS + 1`` increasing bin edges (float32), from ``-F32_MAX`` to ``F32_MAX``.
+
+    Examples:
+      >>> e = hist_edges()
+      >>> e.shape == (HIST_BINS + 1,), float(e[_NT]), float(e[_NT + 1]), float(e[_NT + _NU])
+      (True, -16.0, -15.99609375, 16.0)
+    """
+    import numpy as np  # noqa: PLC0415
+
+    i = np.arange(_NT)
+    tail = np.ldexp(1.0 + (i % (1 << HIST_TAIL_BITS)) / (1 << HIST_TAIL_BITS),
+                    _TAIL_E0 + i // (1 << HIST_TAIL_BITS))
+    tail = np.concatenate([tail, [float(np.finfo(np.float32).max)]])
+    uni = -HIST_HALF_RANGE + np.arange(_NU + 1) / float(1 << HIST_STEP_BITS)
+    edges = np.concatenate([-tail[::-1], uni[1:-1], tail]).astype(np.float32)
+    edges.flags.writeable = False
+    return edges
+
+
+def hist_bin(y: jax.Array) -> jax.Array:
+    """The bin of :func:`hist_edges` holding each finite float32 ``y`` (int32).
+
+    Examples:
+      >>> import numpy as np
+      >>> y = np.array([-3e38, -16.0, -0.001, 0.0, 1.0, 15.999, 16.0, 40.0, 3e38], np.float32)
+      >>> e, b = hist_edges(), np.asarray(hist_bin(jnp.asarray(y)))
+      >>> bool(np.all((e[b] <= y) & (y <= e[b + 1])))
+      True
+    """
+    y = y.astype(jnp.float32)
+    a = jnp.minimum(jnp.abs(y), jnp.float32(3.4028234663852886e38))
+    inner = a < HIST_HALF_RANGE
+    iu = jnp.clip(jnp.floor((y + HIST_HALF_RANGE) * float(1 << HIST_STEP_BITS)), 0, _NU - 1)
+    bits = lax.bitcast_convert_type(a, jnp.int32)
+    it = ((bits >> 23) - 127 - _TAIL_E0) * (1 << HIST_TAIL_BITS) + (
+        (bits >> (23 - HIST_TAIL_BITS)) & ((1 << HIST_TAIL_BITS) - 1))
+    it = jnp.clip(it, 0, _NT - 1)
+    return jnp.where(inner, _NT + iu.astype(jnp.int32),
+                     jnp.where(y > 0, _NT + _NU + it, _NT - 1 - it))
+
+
+class Density(NamedTuple):
+    """A piecewise-uniform density on the bins of :func:`hist_edges`: ``mass[b]`` spread
+    evenly over bin ``b``, with double-float prefix sums at the edges of its mass and of its first and second
+    moments (``p[0..2]``, each ``(hi, lo)`` of shape ``(bins + 1,)``). Build with
+    :meth:`build`; cell sums at any thresholds with :func:`density_cells`."""
+
+    edges: jax.Array  # (B + 1,)
+    mass: jax.Array  # (B,)
+    hi: jax.Array  # (3, B + 1)
+    lo: jax.Array  # (3, B + 1)
+
+    @classmethod
+    def build(cls, mass: jax.Array) -> "Density":
+        """``mass`` (non-negative, any scale: it is normalised to sum 1) per bin of
+        :func:`hist_edges`; a leading batch axis builds several densities at once."""
+        if mass.ndim == 2:
+            return jax.vmap(cls.build)(mass)
+        edges = jnp.asarray(hist_edges())
+        mass = mass.astype(jnp.float32)
+        tot = jnp.sum(mass)
+        mass = jnp.where(tot > 0, mass / jnp.where(tot > 0, tot, 1.0), 0.0)
+        a, b = edges[:-1], edges[1:]
+        c = 0.5 * a + 0.5 * b  # (no overflow at the outermost bins)
+        w = b - a
+        live = mass > 0  # (a second moment may overflow only in an empty far bin: keep it 0)
+        m2 = jnp.where(live, mass * (c * c + w * w / 12.0), 0.0)
+        vals = jnp.stack([mass, jnp.where(live, mass * c, 0.0), m2])
+        hi, lo = jax.vmap(_df_cumsum)(vals)
+        z = jnp.zeros((3, 1), jnp.float32)
+        return cls(edges, mass, jnp.concatenate([z, hi], 1), jnp.concatenate([z, lo], 1))
+
+
+def _density_cum(d: Density, t: jax.Array):
+    """Double-float ``(hi, lo)``, each ``(3,) + t.shape``: mass and first and second moments
+    of the density below each ``t``."""
+    e = d.edges
+    tc = jnp.clip(t, e[0], e[-1])
+    b = hist_bin(tc)  # (the edges' closed form: no search)
+    lo_e, w, m = e[b], e[b + 1] - e[b], d.mass[b]
+    f = jnp.where(w > 0, jnp.clip((tc - lo_e) / jnp.where(w > 0, w, 1.0), 0.0, 1.0), 1.0)
+    tt = lo_e + f * w
+    mf = m * f
+    live = mf > 0
+    part = jnp.stack([mf, jnp.where(live, mf * (0.5 * lo_e + 0.5 * tt), 0.0),
+                      jnp.where(live, mf * (lo_e * lo_e + lo_e * tt + tt * tt) / 3.0, 0.0)])
+    return _df_add((d.hi[:, b], d.lo[:, b]), (part, jnp.zeros_like(part)))
+
+
+def _df_diff(u, v):
+    s, e = two_sum(u[0], -v[0])
+    return s + (e + (u[1] - v[1]))
+
+
+def density_cells(d: Density, t: jax.Array) -> jax.Array:
+    """``(3, len(t) + 1)``: mass, first and second moment of each cell that the sorted
+    thresholds ``t`` cut the density into (the first from ``-inf``, the last to ``+inf``)."""
+    h, l = _density_cum(d, t)
+    z = jnp.zeros((3, 1), jnp.float32)
+    top_h, top_l = d.hi[:, -1:], d.lo[:, -1:]
+    uh = jnp.concatenate([h, top_h], 1)
+    ul = jnp.concatenate([l, top_l], 1)
+    dh = jnp.concatenate([z, h], 1)
+    dl = jnp.concatenate([z, l], 1)
+    return _df_diff((uh, ul), (dh, dl))
+
+
+def density_errors(d: Density, t: jax.Array, lv: jax.Array, objective: str) -> jax.Array:
+    """Error of encoding the density with thresholds ``t`` (n-1,) and levels ``lv`` (n,):
+    the expected squared ("mse") or absolute ("mae") error (the density has mass 1)."""
+    m, s1, s2 = density_cells(d, t)
+    if objective == "mse":
+        return jnp.sum(jnp.maximum(s2 - 2.0 * lv * s1 + lv * lv * m, 0.0))
+    # |z - l| over a cell [a, b) with l clamped into it: l (M(l) - M(a)) - (S1(l) - S1(a))
+    # + (S1(b) - S1(l)) - l (M(b) - M(l)); the cells cut at a_0, l_0, a_1, l_1, ... (sorted)
+    # give the parts [a_i, l_i) as every other cell
+    lo_t = jnp.concatenate([jnp.full((1,), -jnp.inf, t.dtype), t])
+    hi_t = jnp.concatenate([t, jnp.full((1,), jnp.inf, t.dtype)])
+    lc = jnp.clip(lv, lo_t, hi_t)
+    below = density_cells(d, jnp.stack([lo_t, lc], 1).reshape(-1))[:, 1::2]
+    mb, s1b = below[0], below[1]
+    return jnp.sum(lc * mb - s1b + (s1 - s1b) - lc * (m - mb))
+
+
+def density_quantile(d: Density, q: jax.Array) -> jax.Array:
+    """The point below which the density has mass ``q`` (in [0, 1])."""
+    nb = d.mass.shape[0]
+    c = d.hi[0] + d.lo[0]
+    b = jnp.clip(jnp.searchsorted(c, q, side="right", method="scan").astype(jnp.int32) - 1,
+                 0, nb - 1)
+    m = d.mass[b]
+    f = jnp.where(m > 0, jnp.clip((q - c[b]) / jnp.where(m > 0, m, 1.0), 0.0, 1.0), 0.5)
+    return d.edges[b] + f * (d.edges[b + 1] - d.edges[b])
+
+
+def lloyd_density(
+    d: Density,
+    init: jax.Array,
+    *,
+    objective: str,
+    fixed: jax.Array | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+) -> tuple[jax.Array, jax.Array]:
+    """Lloyd-Max iterations on a :class:`Density` from the sorted codebook ``init``.
+
+    As :func:`lloyd_sorted`, with cells cut at their exact thresholds inside the bins: each
+    level moves to its cell's centroid ("mse") or median ("mae"); empty cells keep their level
+    (one per step moves into the heaviest cell), levels flagged in ``fixed`` never move. Stops
+    when no level moves more than ``tol`` times the codebook's span, or after ``max_iter``
+    steps.
+
+    Returns:
+      ``(levels, iterations)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from scipy import stats
+      >>> e = hist_edges()
+      >>> mass = np.diff(stats.norm.cdf(e.astype(np.float64)))  # N(0, 1), binned
+      >>> d = Density.build(jnp.asarray(mass, jnp.float32))
+      >>> lv, it = lloyd_density(d, jnp.linspace(-2.0, 2.0, 4), objective="mse")
+      >>> [round(float(v), 3) for v in lv]  # Max (1960): +-0.4528, +-1.510
+      [-1.51, -0.453, 0.453, 1.51]
+    """
+    dt = jnp.float32
+    fixed = jnp.zeros(init.shape, bool) if fixed is None else fixed
+    span = jnp.maximum(init[-1] - init[0], jnp.finfo(dt).tiny)
+    n = init.shape[0]
+
+    def step(lv):
+        t = 0.5 * (lv[:-1] + lv[1:])
+        m, s1, _ = density_cells(d, t)
+        below = jnp.cumsum(m) - m  # mass below each cell
+        if objective == "mse":
+            new = s1 / jnp.where(m > 0, m, 1.0)
+        else:
+            new = density_quantile(d, below + 0.5 * m)
+        new = jnp.where((m > 0) & ~fixed, new, lv)
+        # an empty cell's level is dead weight: move one per step into the heaviest cell, at
+        # the quartile on the far side of that cell's level, so the next step splits the cell
+        empty = (m <= 0) & ~fixed
+        big = jnp.argmax(m)
+        q = density_quantile(d, below[big] + jnp.array([0.25, 0.75], dt) * m[big])
+        cand = jnp.where(q[1] != new[big], q[1], q[0])
+        new = jnp.where(empty.any() & (jnp.arange(n) == jnp.argmax(empty)), cand, new)
         return jnp.sort(new)
 
     def cond(state):

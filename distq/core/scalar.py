@@ -128,18 +128,44 @@ def _summary(rows: jax.Array) -> _Summary:
     return _Summary(k, amax_u, hi_u, lo_u, ~(hi > -neg_lo) & ~sub_only, nonfinite)
 
 
+def _fresh(rows: jax.Array, k: jax.Array, tag: int) -> jax.Array:
+    """``rows``, through a select on a condition that is never true but that XLA cannot
+    decide (a power of two below any ``k``), distinct per ``tag``. Each pass over the values
+    computes from its own: XLA then cannot merge the (identical) unit-space computations of
+    several passes into one shared array, which it would keep in memory (a tensor-sized
+    temporary) instead of recomputing it inside each pass (a few operations a value).
+    (An optimisation barrier does not survive XLA:CPU's pipeline long enough.)"""
+    never = jnp.any(k < -(1 << 20) - tag)
+    return jnp.where(never, jnp.float32(0.0), rows)
+
+
 def _in_unit(rows: jax.Array, k: jax.Array, fn):
     """``fn(rows in unit space)``: the rows times ``2**k`` per group, exactly (subnormal values
     by their mantissa, which XLA would read as 0), non-finite values as 0; results below the
     normal range are 0. Fused into ``fn``'s pass over the values: a few operations each."""
+    return fn(_to_unit(rows, k[:, None]))
+
+
+def _to_unit(v: jax.Array, k: jax.Array) -> jax.Array:
+    """``v * 2**k`` elementwise (``k`` broadcast to ``v``), as :func:`_in_unit` does it."""
     kn = jnp.clip(k, -126, 127)
     f1, f2 = _checks.pow2(kn), _checks.pow2(jnp.clip(k - kn, -1, 0))  # (2**k, k >= -127)
     g = jnp.where(k >= 23, _checks.pow2(jnp.clip(k - 149, -126, 0)), 0.0)  # subnormal: m * g
-    b = jax.lax.bitcast_convert_type(rows, jnp.int32)
+    b = jax.lax.bitcast_convert_type(v, jnp.int32)
     m = (b & 0x7FFFFF).astype(jnp.float32)
-    sub = jnp.where(b < 0, -m, m) * g[:, None]
-    u = jnp.where((b & _INF_BITS) == 0, sub, rows * f1[:, None] * f2[:, None])
-    return fn(jnp.where(jnp.isfinite(rows), u, 0.0))
+    sub = jnp.where(b < 0, -m, m) * g
+    u = jnp.where((b & _INF_BITS) == 0, sub, v * f1 * f2)
+    return jnp.where(jnp.isfinite(v), u, 0.0)
+
+
+def _gather_unit(rows: jax.Array, k: jax.Array, pos: jax.Array):
+    """Values at flat positions ``pos`` of ``rows`` in their group's unit space, whether each
+    is finite, and its group: gathered from the input itself (a gather from a computed array
+    would make XLA keep all of that array in memory)."""
+    length = rows.shape[1]
+    r, c = pos // length, pos % length
+    v = rows[r, c]
+    return _to_unit(v, k[r]), jnp.isfinite(v), r
 
 
 def _stored(v_unit: jax.Array, k: jax.Array, dtype: str):
@@ -300,7 +326,87 @@ def _family_affine(family: str) -> tuple[float, float]:
 
 
 def _fit_codebook(zsorted: dict, weights: dict, spec: Scalar, n: int):
-    """Searches dist/beta per unit class, refines; returns (codebook, class_is_A)."""
+    """Stage 2 (compiled once per fit spec, see :func:`_fit_spec`): searches dist/beta per
+    unit class, refines; returns (codebook, class_is_A).
+
+    Per class, ``zsorted[cls]`` is either the int32 bin counts of
+    :func:`distq.core._numerics.hist_edges` of the class's standardised values less
+    ``weights[cls]``, a whole-number shift (the histogram path, see :func:`_use_hist`), or the
+    sorted fitting sample with its weights (``None``: all 1)."""
+    if _use_hist(spec):
+        return _fit_hist(zsorted, weights, spec, n)
+    return _fit_sorted(zsorted, weights, spec, n)
+
+
+def _class_tables(spec: Scalar, cls: str, n: int, width: int):
+    """The candidate tables of a unit class, padded to ``width`` dists (NaN betas)."""
+    members = [d for d in spec.candidate_dists() if _unit_class(spec, d.family) == cls]
+    T = np.zeros((width, n - 1), np.float32)
+    L = np.zeros((width, n), np.float32)
+    offs = np.zeros((width,), np.float32)
+    muls = np.ones((width,), np.float32)
+    betas = np.full((width, len(S.BETA_GRID)), np.nan, np.float32)
+    if members:
+        c = S.Candidates(members, n, np.zeros(len(members)), np.ones(len(members)), "nearest")
+        k, nb = c.betas.shape
+        T[:k], L[:k], betas[:k, :nb] = c.T, c.L, c.betas
+        for i, d in enumerate(members):
+            a = _family_affine(d.family)
+            offs[i], muls[i] = (0.0 if cls == "B" else a[0]), a[1]
+    return T, L, betas, offs, muls
+
+
+def _fit_hist(hists: dict, shifts: dict, spec: Scalar, n: int):
+    """:func:`_fit_codebook` on histograms: both unit classes are searched under one
+    ``jax.vmap`` (one computation to compile), each class's candidates padded to the same
+    number, then the better class's codebook is refined on its density."""
+    classes = sorted(hists)
+    members = {c: sum(_unit_class(spec, d.family) == c for d in spec.candidate_dists())
+               for c in classes}
+    width = max(members.values())
+    nb = max(len(S.BETA_GRID), len(S.BETA_GRID_CAUCHY))
+    tabs = [_class_tables(spec, c, n, width) for c in classes]
+    T, L, betas, offs, muls = (np.stack(t) for t in zip(*tabs))
+    if betas.shape[-1] < nb:
+        betas = np.pad(betas, ((0, 0), (0, 0), (0, nb - betas.shape[-1])),
+                       constant_values=np.nan)
+    shift = jnp.stack([shifts[c] for c in classes])
+    dens = nx.Density.build(jnp.stack([hists[c] for c in classes]))
+    offs = jnp.asarray(offs) - shift[:, None]  # codebooks of y = z - shift
+
+    def search(d, T, L, betas, offs, muls):
+        cands = S.Candidates.from_tables(n, "nearest", T, L, betas, offs, muls)
+        if spec.beta is None:
+            err, row, col = S.grid_search(d, cands, spec.objective)
+            b, e = S.zoom_search(d, cands, spec.objective, row, col, best_e=err[row, col])
+        else:
+            rows = jnp.arange(width)
+            bs = jnp.full((width,), spec.beta, jnp.float32)
+            errs = S.score(d, cands, spec.objective, rows, bs)
+            errs = jnp.where(jnp.isnan(betas[:, 0]), jnp.inf, errs)
+            row = jnp.argmin(errs)
+            b, e = bs[row], errs[row]
+        return e, cands.codebooks(row, b)[1]
+
+    errs, lvs = jax.vmap(search)(dens, jnp.asarray(T), jnp.asarray(L), jnp.asarray(betas),
+                                 offs, jnp.asarray(muls))
+    i = jnp.argmin(errs)  # (ties: class A, as the sorted path)
+    use_a = jnp.asarray(classes[0] == "A") & (i == 0)
+    lv, sh = lvs[i], shift[i]
+    d = jax.tree_util.tree_map(lambda a: a[i], dens)
+    fixed = None  # (levels are increasing: tables of increasing ppf times a positive scale)
+    if spec.zero is not None:  # the level nearest to the (unit-space) zero sits on it
+        j = jnp.argmin(jnp.abs(lv + sh))
+        lv = lv.at[j].set(-sh)
+        fixed = jnp.arange(n) == j
+    if spec.refine and spec.max_iter > 0:
+        lv, _ = nx.lloyd_density(d, lv, objective=spec.objective, fixed=fixed,
+                                 max_iter=spec.max_iter)
+    return lv + sh, use_a
+
+
+def _fit_sorted(zsorted: dict, weights: dict, spec: Scalar, n: int):
+    """:func:`_fit_codebook` on sorted samples (codebooks of more than 64 levels)."""
     dists = spec.candidate_dists()
     best = {}
     for cls, zs in zsorted.items():
@@ -318,8 +424,9 @@ def _fit_codebook(zsorted: dict, weights: dict, spec: Scalar, n: int):
         final = cands if n <= _SEARCH_LEVELS else S.Candidates(members, n, offs, muls, "nearest")
         sums = S.prefix_sums(zs, spec.objective, w)
         if spec.beta is None:
-            _, row, col = S.grid_search(zs, cands, spec.objective, w, sums)
-            b, e = S.zoom_search(zs, cands, spec.objective, row, col, w=w, sums=sums)
+            err, row, col = S.grid_search(zs, cands, spec.objective, w, sums)
+            b, e = S.zoom_search(zs, cands, spec.objective, row, col, w=w, sums=sums,
+                                 best_e=err[row, col])
         else:
             rows = jnp.arange(len(members))
             bs = jnp.full((len(members),), spec.beta, jnp.float32)
@@ -372,15 +479,31 @@ def _pad_sorted(zs: jax.Array, w: jax.Array | None, bucket: int):
     return zs, jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
 
 
-def _masked_moments(u: jax.Array, n_bad: jax.Array, length: int):
+def _row_sums(a: jax.Array, b: jax.Array):
+    """Compensated sums of ``a`` (TwoSum, about 48 bits) and plain sums of ``b`` along axis 1,
+    in one reduction whose operands are computed inside it: on XLA:CPU a plain sum goes to a
+    library kernel that needs its operand in memory, a tensor-sized temporary."""
+    def add(p, q):
+        s, e = nx.two_sum(p[0], q[0])
+        return s, e + p[1] + q[1], p[2] + q[2]
+
+    zero = jnp.float32(0.0)
+    hi, lo, sb = jax.lax.reduce((a, jnp.zeros_like(a), b), (zero, zero, zero), add, (1,))
+    return hi + lo, sb
+
+
+def _masked_moments(unit, finite: jax.Array, length: int):
     """Mean and standard deviation per row over the finite values only (sample std, ddof 1,
-    for rows of more than one value); ``u`` holds 0 for the ``n_bad`` others, whose share
-    of the squared deviations (``mean**2`` each) is taken out."""
+    for rows of more than one value); ``unit()`` gives the values in unit space, 0 for the
+    others (``n_bad`` per row), whose share of the squared deviations (``mean**2`` each) is
+    taken out."""
+    s1, n_bad = _row_sums(unit(), jnp.where(finite, 0.0, 1.0))
     cnt = jnp.float32(length) - n_bad
-    mean = jnp.sum(u, axis=1) / jnp.maximum(cnt, 1.0)
-    dev = u - mean[:, None]
+    mean = s1 / jnp.maximum(cnt, 1.0)
+    dev = unit() - mean[:, None]
     ddof = 1.0 if length > 1 else 0.0
-    ss = jnp.maximum(jnp.sum(dev * dev, axis=1) - n_bad * mean * mean, 0.0)
+    ss = jnp.maximum(_row_sums(dev * dev, jnp.where(finite, 1.0, 0.0))[0]
+                     - n_bad * mean * mean, 0.0)
     return mean, jnp.sqrt(ss / jnp.maximum(cnt - ddof, 1.0))
 
 
@@ -413,18 +536,21 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     g, length = rows.shape
     sm = _summary(rows)
     k, const = sm.k, sm.const
-    u = _in_unit(rows, k, lambda v: v)
+    tags = iter(range(1, 100))
+
+    def unit():  # the rows in unit space, recomputed by each pass (see _fresh)
+        return _in_unit(_fresh(rows, k, next(tags)), k, lambda v: v)
+
     finite = jnp.isfinite(rows)
-    n_bad = jnp.sum(~finite, axis=1).astype(jnp.float32)
     if spec.robust:
-        un = jnp.where(finite, u, jnp.nan)
+        un = jnp.where(finite, unit(), jnp.nan)
         centre = jnp.nanmedian(un, axis=1)
         spread = 1.482602218505602 * jnp.nanmedian(jnp.abs(un - centre[:, None]), axis=1)
         # a group whose MAD is 0 (mostly one value) falls back to its standard deviation
-        spread = jnp.where(spread > 0, spread, _masked_moments(u, n_bad, length)[1])
+        spread = jnp.where(spread > 0, spread, _masked_moments(unit, finite, length)[1])
         centre = jnp.where(jnp.isfinite(centre), centre, 0.0)
     else:
-        centre, spread = _masked_moments(u, n_bad, length)
+        centre, spread = _masked_moments(unit, finite, length)
     centre, spread = _settled(centre, spread)
     live = (spread > 0) & ~const
     spread0 = spread
@@ -437,8 +563,7 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     safe_u = _safe_scale(spread_u, jnp.where(live, spread0, 1.0))
 
     classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
-    zsorted, weights = {}, {}
-    w_fit = None  # per-value weights of the fitted sample (None: 1, or 0 where not finite)
+    rel_w = None  # per-group weights of the fit (None: every value weighs the same)
     if g > 1:
         # each group's values weigh as its scale (squared for "mse") relative to the largest,
         # so that the shared codebook minimises the error in the data's own units
@@ -446,26 +571,106 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
         e_top = jnp.max(jnp.where(live, e, jnp.iinfo(jnp.int32).min))
         rel = jnp.where(live, _checks.ldexp(safe_u, -k - e_top), 0.0)
         rel = jnp.where(jnp.any(live), rel, 1.0)
-        w_fit = jnp.broadcast_to((rel * rel if spec.objective == "mse" else rel)[:, None],
-                                 rows.shape)
+        rel_w = rel * rel if spec.objective == "mse" else rel
     k_out = spec.n_outliers(g * length)
     out_idx = None
     if k_out:
         # the k values farthest from their group's centre; the codebook is fitted without them
-        dev = jnp.abs((u - centre_u[:, None]) / safe_u[:, None])
-        dev = jnp.where(finite, dev, -1.0).reshape(-1)
-        _, out_idx = jax.lax.top_k(dev, k_out)
-        w_fit = (jnp.ones(rows.shape, jnp.float32) if w_fit is None else w_fit)
-        w_fit = w_fit.reshape(-1).at[out_idx].set(0.0).reshape(rows.shape)
+        out_idx = _outliers(rows, k, centre_u, safe_u, k_out)
+    locs = {"A": centre_u, "B": loc0_u}
+    if _use_hist(spec):
+        zsorted, weights = _histograms(rows, k, locs, safe_u, live, rel_w, out_idx, classes,
+                                       checked)
+    else:
+        zsorted, weights = _sorted_samples(unit(), finite, locs, safe_u, rel_w, out_idx, classes,
+                                           checked, spec.fit_size)
+    stats = (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, sm.hi,
+             sm.amax, sm.nonfinite, out_idx)
+    return stats, zsorted, weights
+
+
+def _use_hist(spec: Scalar) -> bool:
+    """Whether the codebook is fitted to a histogram (up to 64 levels, see
+    :func:`_histograms`) rather than to sorted values (finer codebooks need finer data)."""
+    return spec.levels <= _HIST_MAX_LEVELS
+
+
+_HIST_MAX_LEVELS = 64
+_HIST_SAMPLE = 1 << 20  # values binned at most (a strided sample of bigger tensors)
+_HIST_WEIGHT = 2047  # largest integer weight of a value: 2047 * 2**20 sums within int32
+
+
+def _strided(v: jax.Array, size: int) -> jax.Array:
+    """``v[::stride][:size]`` for ``stride = len(v) // size`` as a reshape and a slice (which
+    stays with each shard of a sharded ``v``, where a strided slice may gather it)."""
+    n = v.shape[0]
+    if n <= size:
+        return v
+    stride = n // size
+    return v[: size * stride].reshape(size, stride)[:, 0]
+
+
+def _histograms(rows, k, locs, safe_u, live, rel_w, out_idx, classes, checked):
+    """Stage 1's fitting data on the histogram path: per unit class, the int32 counts of the
+    bins of :func:`distq.core._numerics.hist_edges` of a strided sample of at most
+    ``2**20`` standardised values (each value's weight an integer 1..2047 in proportion to
+    its group's, 0 for non-finite values and outliers), and the whole-number shift taken off
+    them first (0 for class A; for class B the middle of the groups' centres, so that values
+    far from ``zero`` are still binned finely).
+
+    Integer counts add up exactly in any order: a sharded array gets the same histogram, and
+    so the same codebook and codes, as on one device, with nothing gathered."""
+    g, length = rows.shape
+    n = g * length
+    size = min(n, _HIST_SAMPLE)
+    stride = n // size
+    grp = (jnp.arange(size, dtype=jnp.int32) * stride) // length
+    v = _strided(rows.reshape(-1), size)
+    us = _to_unit(v, k[grp])
+    w = jnp.isfinite(v).astype(jnp.int32)
+    if rel_w is not None:
+        wi = jnp.clip(jnp.ceil(rel_w * _HIST_WEIGHT), 1, _HIST_WEIGHT).astype(jnp.int32)
+        w = w * jnp.where(rel_w > 0, wi, 0)[grp]
+    elif checked:
+        w = jnp.ones((size,), jnp.int32)
+    if out_idx is not None:  # (an outlier at a sampled position leaves the sample)
+        hit = jnp.where(out_idx % stride == 0, out_idx // stride, size)
+        w = w.at[hit].set(0, mode="drop")
+    hists, shifts = {}, {}
+    for cls in sorted(classes):
+        loc = locs[cls]
+        shift = jnp.float32(0.0)
+        if cls == "B":  # (class A is centred on each group's own centre)
+            d = (locs["A"] - loc) / safe_u
+            hi = jnp.max(jnp.where(live, d, -jnp.inf))
+            lo = jnp.min(jnp.where(live, d, jnp.inf))
+            mid = jnp.round(0.5 * hi + 0.5 * lo)
+            shift = jnp.where(jnp.isfinite(mid), mid, 0.0)
+        y = (us - loc[grp]) / safe_u[grp] - shift
+        b = nx.hist_bin(jnp.where(w > 0, y, 0.0))
+        hists[cls] = jnp.zeros((nx.HIST_BINS,), jnp.int32).at[b].add(w)
+        shifts[cls] = shift
+    return hists, shifts
+
+
+def _sorted_samples(u, finite, locs, safe_u, rel_w, out_idx, classes, checked, fit_size):
+    """Stage 1's fitting data for codebooks of more than 64 levels: per unit class, the
+    sorted strided sample of at most ``fit_size`` standardised values and their weights
+    (``None``: all 1), padded to a bucket length (see :func:`_fit_bucket`)."""
+    g, length = u.shape
+    w_fit = None if rel_w is None else jnp.broadcast_to(rel_w[:, None], u.shape)
+    if out_idx is not None:
+        w_fit = (jnp.ones(u.shape, jnp.float32) if w_fit is None else w_fit)
+        w_fit = w_fit.reshape(-1).at[out_idx].set(0.0).reshape(u.shape)
     if w_fit is not None:
-        w_fit = _strided_sample(jnp.where(finite, w_fit, 0.0).reshape(-1), spec.fit_size)
-    ok = _strided_sample(finite.reshape(-1), spec.fit_size)
-    bucket = _fit_bucket(min(g * length, spec.fit_size), spec.fit_size)
-    for cls, loc in (("A", centre_u), ("B", loc0_u)):
-        if cls not in classes:
-            continue
+        w_fit = _strided_sample(jnp.where(finite, w_fit, 0.0).reshape(-1), fit_size)
+    ok = _strided_sample(finite.reshape(-1), fit_size)
+    bucket = _fit_bucket(min(g * length, fit_size), fit_size)
+    zsorted, weights = {}, {}
+    for cls in sorted(classes):
+        loc = locs[cls]
         z = ((u - loc[:, None]) / safe_u[:, None]).reshape(-1)
-        z = _strided_sample(z, spec.fit_size)
+        z = _strided_sample(z, fit_size)
         # non-finite values sit with zero weight among the largest values, where the padding
         # goes too: the weighted sample is the same as without them
         top = jnp.max(jnp.where(ok, z, -jnp.inf))
@@ -477,9 +682,160 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
         else:
             zs, w = nx.sort_float(z, w_fit)
         zsorted[cls], weights[cls] = _pad_sorted(zs, w, bucket)
-    stats = (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, sm.hi,
-             sm.amax, sm.nonfinite, out_idx)
-    return stats, zsorted, weights
+    return zsorted, weights
+
+
+_TOPK_MAX = 1 << 16  # tensors up to this size take lax.top_k directly
+
+
+def _outliers(rows, ku, centre_u, safe_u, k):
+    """Flat positions (ascending) of the ``k`` values farthest from their group's centre in
+    standardised units, ties to the lower position (``lax.top_k``'s set; values that are not
+    finite rank last).
+
+    Beyond ``2**16`` values ``lax.top_k`` is slow on XLA:CPU (a partial sort of the whole
+    tensor, and it gathers a sharded one), so: a threshold with between ``k`` and ``1.5 k``
+    values at or above it is found by counting (first guess from a histogram of a strided
+    sample; each try one pass over the values, an all-reduce of its count when sharded),
+    those values' positions are read off a bit mask of the tensor (one bit a value), and
+    the ``k`` largest among them are found by counting again, on them alone.
+    """
+    g, length = rows.shape
+    n = g * length
+
+    def dev(v):  # of the values v (rows, see below); -1 where not finite (ranked last)
+        d = jnp.abs((_to_unit(v, ku[:, None]) - centre_u[:, None]) / safe_u[:, None])
+        return jnp.where(jnp.isfinite(v), d, -1.0).reshape(-1)
+
+    def key(d):  # the same order as int32 (d >= 0 or -1)
+        return jnp.where(d >= 0, jax.lax.bitcast_convert_type(d, jnp.int32), -1)
+
+    if n <= _TOPK_MAX:  # (lax.top_k is ~30x slower on int32 than on float32 here)
+        return jnp.sort(jax.lax.top_k(dev(rows), k)[1])
+    cap = k + max(k // 2, 1024)
+    # first guess: the lower edge of the bin where a sample's upper tail reaches ~1.25 k
+    size = _TOPK_MAX
+    grp = (jnp.arange(size, dtype=jnp.int32) * (n // size)) // length
+    v = _strided(rows.reshape(-1), size)
+    sample = jnp.abs((_to_unit(v, ku[grp]) - centre_u[grp]) / safe_u[grp])
+    sample = jnp.where(jnp.isfinite(v), sample, -1.0)
+    hist = jnp.zeros((nx.HIST_BINS,), jnp.int32).at[nx.hist_bin(sample)].add(1)
+    tail = jnp.cumsum(hist[::-1])[::-1]  # sample values in this bin or above
+    b = jnp.maximum(jnp.sum(tail.astype(jnp.float32) >= 1.25 * k * size / n) - 1, 0)
+    t0 = key(jnp.maximum(jnp.asarray(nx.hist_edges())[b], 0.0))
+
+    def count(t, v):
+        words = _bit_words(key(dev(v)) >= t)
+        return words, jnp.sum(jax.lax.population_count(words).astype(jnp.int32))
+
+    def off(c):
+        return (c < k) | (c > cap)
+
+    def cond(st):
+        lo, hi, _, _, c = st
+        return off(c) & (hi - lo > 1)
+
+    def body(st):
+        lo, hi, t, _, c = st
+        lo = jnp.where(c > cap, t, lo)
+        hi = jnp.where(c < k, t, hi)
+        t = lo + (hi - lo) // 2
+        # the values through a select on c < 0 (never true, but XLA cannot know): each pass
+        # recomputes everything from the input instead of keeping tensor-sized pieces of
+        # the computation hoisted out of the loop
+        words, c = count(t, jnp.where(c < 0, jnp.float32(0.0), rows))
+        return lo, hi, t, words, c
+
+    words, c0 = count(t0, _fresh(rows, ku, 100))
+    # count(>= -1) = n, count(>= inf + 1) = 0
+    lo, hi, _, words, c = jax.lax.while_loop(
+        cond, body, (jnp.int32(-1), jnp.int32(_INF_BITS + 1), t0, words, c0))
+
+    def pick(words):  # the k largest of the (k to cap) values words marks
+        pos = _set_bits(words, cap, n)
+        ok = pos < n
+        uv, fin, r = _gather_unit(rows, ku, jnp.where(ok, pos, 0))
+        d = jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0)
+        kc = jnp.where(ok, key(d), -2)  # (-2: an empty slot)
+        t = _kth_largest(kc, k)
+        gt, eq = kc > t, kc == t
+        sel = gt | (eq & (jnp.cumsum(eq.astype(jnp.int32)) <= k - jnp.sum(gt)))
+        slot = jnp.where(sel, jnp.cumsum(sel.astype(jnp.int32)) - 1, k)
+        return jnp.zeros((k,), jnp.int32).at[slot].set(pos, mode="drop")
+
+    def ties():  # more than cap values share the key lo: all above it (fewer than k), then
+        # the first of the tied ones in position order
+        keys = key(dev(_fresh(rows, ku, 102)))
+        above = _set_bits(_bit_words(keys >= hi), k, n)
+        tied = _set_bits(_bit_words(keys == lo), k, n)
+        first = jnp.sum(above < n)
+        take = jnp.where(jnp.arange(k) < first, above,
+                         tied[jnp.clip(jnp.arange(k) - first, 0, k - 1)])
+        return jnp.sort(take)
+
+    return jax.lax.cond(off(c), ties, lambda: pick(words))
+
+
+def _cumsum(c: jax.Array, blocks: int = 64) -> jax.Array:
+    """Inclusive cumulative sum of a 1-D int32 array as sums within ``blocks`` contiguous
+    blocks plus the blocks' offsets: blocks held by different shards of a sharded array are
+    summed where they are (XLA gathers the whole array for a plain cumulative sum)."""
+    m = c.shape[0]
+    if m % blocks or m < 4 * blocks:
+        return jnp.cumsum(c)
+    inner = jnp.cumsum(c.reshape(blocks, m // blocks), axis=1)
+    tot = inner[:, -1]
+    return (inner + (jnp.cumsum(tot) - tot)[:, None]).reshape(m)
+
+
+def _kth_largest(v: jax.Array, k: int) -> jax.Array:
+    """The ``k``-th largest of int32 ``v`` (``k <= len(v)``), by bisection on counts."""
+    lo0 = jnp.min(v)  # count(>= lo) >= k; count(>= hi) < k
+    hi0 = jnp.max(v)
+
+    def cond(st):
+        lo, hi = st
+        return hi - lo > 1
+
+    def body(st):
+        lo, hi = st
+        mid = lo + (hi - lo) // 2
+        big = jnp.sum((v >= mid).astype(jnp.int32)) >= k
+        return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
+
+    enough_top = jnp.sum((v >= hi0).astype(jnp.int32)) >= k
+    lo, _ = jax.lax.while_loop(cond, body, (lo0, hi0))
+    return jnp.where(enough_top, hi0, lo)
+
+
+def _bit_words(mask: jax.Array) -> jax.Array:
+    """A 1-D bool mask as uint32 words, bit ``i`` of word ``j`` for value ``32 j + i``."""
+    n = mask.shape[0]
+    nw = n // 32
+    sh = jnp.arange(32, dtype=jnp.uint32)
+    words = jnp.sum(mask[: nw * 32].reshape(nw, 32).astype(jnp.uint32) << sh[None, :], axis=1,
+                    dtype=jnp.uint32)
+    if n % 32:
+        tail = jnp.sum(mask[nw * 32:].astype(jnp.uint32) << sh[: n % 32], dtype=jnp.uint32)
+        words = jnp.concatenate([words, tail[None]])
+    return words
+
+
+def _set_bits(words: jax.Array, cap: int, n: int) -> jax.Array:
+    """Positions of the first ``cap`` set bits of ``words`` (see :func:`_bit_words`), in
+    order; ``n`` where there are fewer."""
+    cnt = jax.lax.population_count(words).astype(jnp.int32)
+    incl = _cumsum(cnt)
+    s = jnp.arange(cap, dtype=jnp.int32)
+    j = jnp.minimum(jnp.searchsorted(incl, s, side="right", method="scan").astype(jnp.int32),
+                    words.shape[0] - 1)
+    r = s - (incl[j] - cnt[j])  # the bit wanted is the r-th set bit of word j
+    w = words[j]
+    bit = jnp.zeros((cap,), jnp.uint32)
+    for step in (16, 8, 4, 2, 1):  # the largest bit position with at most r set bits below
+        below = jax.lax.population_count(w & ((jnp.uint32(1) << (bit + step)) - 1))
+        bit = jnp.where(below.astype(jnp.int32) <= r, bit + step, bit)
+    return jnp.where(s < incl[-1], j * 32 + bit.astype(jnp.int32), n)
 
 
 def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):
@@ -490,12 +846,13 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):
     rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
     loc_u = jnp.where(use_a, centre_u, loc0_u)
 
-    def encode(u):
-        z = (u - loc_u[:, None]) / safe_u[:, None]
-        codes = nx.bucketize(z, 0.5 * (codebook[1:] + codebook[:-1]))
-        return codes, (None if out_idx is None else z.reshape(-1)[out_idx])
-
-    codes, z_out = _in_unit(rows, k, encode)
+    mids = 0.5 * (codebook[1:] + codebook[:-1])
+    codes = _in_unit(_fresh(rows, k, 101), k, lambda u: nx.bucketize(
+        (u - loc_u[:, None]) / safe_u[:, None], mids))
+    z_out = None
+    if out_idx is not None:
+        uv, _, r = _gather_unit(rows, k, out_idx)
+        z_out = (uv - loc_u[r]) / safe_u[r]
     scale = jnp.where(const, 0.0, spread)
     cval = _round_dtype(_checks.ldexp(cmax, -k), spec.scale_dtype)
     loc = jnp.where(const, cval, jnp.where(use_a, centre, loc0))
@@ -524,10 +881,19 @@ _fit_jit = jax.jit(_fit_codebook, static_argnums=(2, 3))
 _encode_jit = jax.jit(_encode_scalar, static_argnums=1)
 
 
+def _fit_spec(spec: Scalar) -> Scalar:
+    """``spec`` with the fields that do not reach the fit (stage 2) at their defaults: every
+    tensor whose spec differs only in grouping, outliers, statistics or storage (a model's
+    leaves, whose automatic choices depend on their shapes) shares one compiled fit."""
+    return dataclasses.replace(
+        spec, axis=None, group_size=None, group_axis=-1, robust=False, scale_dtype="float32",
+        outliers=None, fit_size=Scalar.fit_size if _use_hist(spec) else spec.fit_size)
+
+
 def _quantize_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     spec = spec.resolve(tuple(x.shape))
     stats, zsorted, weights = _prepare_jit(x, spec, checked)
-    codebook, use_a = _fit_jit(zsorted, weights, spec, spec.levels)
+    codebook, use_a = _fit_jit(zsorted, weights, _fit_spec(spec), spec.levels)
     return _encode_jit(x, spec, stats, codebook, use_a)
 
 

@@ -94,6 +94,16 @@ class Candidates:
         self.offsets = offsets  # (D,) arrays (may be traced)
         self.mults = mults
 
+    @classmethod
+    def from_tables(cls, n: int, encode: str, T, L, betas, offsets, mults) -> "Candidates":
+        """Candidates from their tables (arrays, possibly traced: several candidate sets of the
+        same shape can then be searched under one ``jax.vmap``); rows of ``betas`` that are
+        all NaN are padding (their error is inf)."""
+        self = cls.__new__(cls)
+        self.dists, self.n, self.encode = (), n, encode
+        self.T, self.L, self.betas, self.offsets, self.mults = T, L, betas, offsets, mults
+        return self
+
     def codebooks(self, i_or_all, betas):
         """Thresholds and levels for dist rows ``i`` (array of ints) at ``betas`` (same shape)."""
         off = jnp.asarray(self.offsets)[i_or_all][..., None]
@@ -123,10 +133,11 @@ def prefix_sums(zs: jax.Array, objective: str, w=None):
     return p1, p2, pw
 
 
-def score(zs: jax.Array, cands: Candidates, objective: str, rows, betas, w=None,
+def score(zs, cands: Candidates, objective: str, rows, betas, w=None,
           sums=None) -> jax.Array:
     """Error of candidates (``rows``, ``betas`` broadcast together) on sorted ``zs`` (weighted by
-    ``w`` when given; ``sums`` from :func:`prefix_sums` to reuse).
+    ``w`` when given; ``sums`` from :func:`prefix_sums` to reuse), or on a
+    :class:`distq.core._numerics.Density` passed as ``zs`` (its expected error).
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -139,11 +150,15 @@ def score(zs: jax.Array, cands: Candidates, objective: str, rows, betas, w=None,
       >>> [round(v, 4) for v in score(zs, c, "mse", jnp.zeros(2, int), betas).tolist()]
       [0.2728, 0.25]
     """
-    p1, p2, pw = prefix_sums(zs, objective, w) if sums is None else sums
     t, lv = cands.codebooks(rows, betas)
     flat_t = t.reshape(-1, t.shape[-1])
     flat_l = lv.reshape(-1, lv.shape[-1])
-    err = jax.vmap(lambda a, b: nx.range_errors(zs, p1, p2, a, b, objective, pw))(flat_t, flat_l)
+    if isinstance(zs, nx.Density):
+        err = jax.vmap(lambda a, b: nx.density_errors(zs, a, b, objective))(flat_t, flat_l)
+    else:
+        p1, p2, pw = prefix_sums(zs, objective, w) if sums is None else sums
+        err = jax.vmap(lambda a, b: nx.range_errors(zs, p1, p2, a, b, objective, pw))(
+            flat_t, flat_l)
     err = err.reshape(betas.shape)
     return jnp.where(jnp.isnan(betas), jnp.inf, err)
 
@@ -162,22 +177,27 @@ def grid_search(zs: jax.Array, cands: Candidates, objective: str, w=None, sums=N
 
 
 def zoom_search(zs, cands: Candidates, objective: str, row, col, rounds: int = 2, points: int = 17,
-                w=None, sums=None):
+                w=None, sums=None, best_e=None):
     """Continuous refinement of ``beta`` for dist ``row`` around grid column ``col``.
 
     Each round evaluates ``points`` values evenly spaced in ``log beta`` between the neighbours
-    of the current best and keeps the best (never worse than the grid's winner; see the module's
-    example).
+    of the current best and keeps the best (never worse than the grid's winner, whose error
+    ``best_e`` may be passed to save its evaluation; see the module's example). The rounds run
+    in one ``lax.fori_loop`` (one scoring computation to compile).
     """
-    sums = prefix_sums(zs, objective, w) if sums is None else sums
+    if sums is None and not isinstance(zs, nx.Density):
+        sums = prefix_sums(zs, objective, w)
     grid = jnp.asarray(cands.betas)[row]
     valid = ~jnp.isnan(grid)
     last = jnp.sum(valid) - 1
     lo = jnp.where(col > 0, grid[jnp.maximum(col - 1, 0)], grid[col] / 1.5)
     hi = jnp.where(col < last, grid[jnp.minimum(col + 1, last)], grid[col] * 1.5)
     best_b = grid[col]
-    best_e = score(zs, cands, objective, row[None], best_b[None], w, sums)[0]
-    for _ in range(rounds):
+    if best_e is None:
+        best_e = score(zs, cands, objective, row[None], best_b[None], w, sums)[0]
+
+    def one_round(_, state):
+        lo, hi, best_b, best_e = state
         bs = jnp.exp(jnp.linspace(jnp.log(lo), jnp.log(hi), points))
         e = score(zs, cands, objective, jnp.full((points,), row), bs, w, sums)
         j = jnp.argmin(e)
@@ -185,6 +205,7 @@ def zoom_search(zs, cands: Candidates, objective: str, row, col, rounds: int = 2
         best_b = jnp.where(better, bs[j], best_b)
         best_e = jnp.where(better, e[j], best_e)
         step = (jnp.log(hi) - jnp.log(lo)) / (points - 1)
-        lo, hi = jnp.exp(jnp.log(best_b) - step), jnp.exp(jnp.log(best_b) + step)
-    return best_b, best_e
+        return jnp.exp(jnp.log(best_b) - step), jnp.exp(jnp.log(best_b) + step), best_b, best_e
 
+    _, _, best_b, best_e = jax.lax.fori_loop(0, rounds, one_round, (lo, hi, best_b, best_e))
+    return best_b, best_e

@@ -40,8 +40,9 @@ _QUANTIZERS: dict[type, Callable] = {}  # built-in spec class -> quantiser(x, sp
 
 # the built-ins, loaded by name the first time the registry needs them: the specs (no JAX), and
 # the quantisers with their leaf types (JAX); naming them here keeps the import graph acyclic
-_BUILTIN_SPECS = ("distq.core.specs",)
-_BUILTIN_IMPLS = ("distq.core.scalar", "distq.core.pq", "distq.core.cast")
+_BUILTIN_SPECS = ("distq.core.specs", "distq.core.specs_rotated", "distq.core.specs_vq")
+_BUILTIN_IMPLS = ("distq.core.scalar", "distq.core.pq", "distq.core.cast", "distq.core.rotated",
+                  "distq.core.vq")
 
 
 def _load(modules) -> None:
@@ -173,7 +174,7 @@ def spec_kinds() -> tuple[str, ...]:
     Examples:
       >>> from distq.core.spec import leaf_class, spec_kinds
       >>> sorted(spec_kinds())
-      ['cast', 'int', 'keep', 'nf4', 'none', 'pq', 'scalar', 'uniform']
+      ['cast', 'int', 'keep', 'nf4', 'none', 'pq', 'rotated', 'scalar', 'uniform', 'vq']
       >>> leaf_class("qarray").__name__, leaf_class("nothing")
       ('QArray', None)
     """
@@ -347,7 +348,8 @@ def parse_spec(text: str) -> Any:
     if not isinstance(text, str) or not text.strip():
         raise SpecSyntaxError(f"{where}: empty; expected one of {kinds}")
     head, *opts = _split_options(text.strip())
-    kind, *pos = [p.strip() for p in head.split(":")]
+    wrapped = re.fullmatch(r"([\w-]+)\s*\((.*)\)", head, re.S)  # KIND(INNER SPEC)
+    kind, *pos = [wrapped.group(1)] if wrapped else [p.strip() for p in head.split(":")]
     kind = kind.lower()
     if kind in ("none", "keep"):
         if pos or any(opts):
@@ -359,11 +361,17 @@ def parse_spec(text: str) -> Any:
         raise SpecSyntaxError(f"{where}: unknown kind {kind!r}; expected one of {kinds} "
                               "(e.g. scalar:4, int:8, nf4, pq:16:8, cast:bfloat16)")
     types = field_types(cls)
+    if (wrapped is not None) != (getattr(cls, "wraps", None) is not None):
+        raise SpecSyntaxError(f"{where}: {kind} takes no inner spec in parentheses"
+                              if wrapped is not None else
+                              f"{where}: {kind} wraps a spec: {kind}(INNER), e.g. {kind}(scalar:4)")
     names = list(getattr(cls, "positional", ()))
     if len(pos) > len(names):
         form = ":".join([kind] + [n.upper() for n in names])
         raise SpecSyntaxError(f"{where}: too many ':' parts; the form is {form}")
     kwargs: dict[str, Any] = {}
+    if wrapped is not None:  # a wrapper spec (e.g. rotated(scalar:4)): the inner one
+        kwargs[cls.wraps] = parse_spec(wrapped.group(2))
     for name, raw in zip(names, pos):
         kwargs[name] = _coerce(name, raw, types[name], where)
     for opt in opts:
@@ -418,6 +426,8 @@ def spec_str(spec: Any) -> str:
         n: getattr(spec, n) for n in names}
     hidden = set(getattr(cls, "text_hidden", ())) | set(names)
     parts = [cls.kind] + [str(shown[n]) for n in names if shown.get(n) is not None]
+    if getattr(cls, "wraps", None) is not None:  # KIND(INNER SPEC)
+        parts[0] += f"({spec_str(getattr(spec, cls.wraps))})"
     extra = []
     for f in dataclasses.fields(spec):
         if f.name in hidden:

@@ -1,0 +1,730 @@
+"""Trellis-coded vector quantisation: the :class:`distq.VQ` quantiser and its leaf,
+:class:`VQArray`.
+
+A fixed-rate scalar quantiser of a Gaussian source stays 2.7 / 3.5 / 3.9 dB above the
+distortion-rate bound ``D(R) = 2**(-2R)`` at 2 / 3 / 4 bits, whatever its levels; coding many
+values jointly closes most of that gap. distq codes blocks of values as paths through a
+*bitshift trellis* (QTIP; Mao and Gray's "stationary" trellis codes):
+
+* the code stream of a block is ``bits`` bits per value; the **state** after value ``t`` is the
+  last ``L`` bits of the stream (symbols ``t - L/bits + 1 .. t``, the newest in the high bits),
+  so a state has ``2**bits`` successors, each shifting one new symbol in;
+* the reconstruction of value ``t`` is ``table[state_t]``, a fixed pseudo-random Gaussian number
+  per state (:func:`code_table`: the ``2**L`` Gaussian quantiles, permuted by an integer hash);
+  nothing about the code is stored;
+* the trellis is **tail-biting**: the stream is read cyclically within its block (the first
+  states take their older bits from the block's end), so a block of ``n`` values costs exactly
+  ``n * bits`` bits. The encoder runs Viterbi twice: first unconstrained over the block's wrap
+  point (its last and first values, :func:`distq.core.specs_vq.tail_window` each) to choose the
+  bits that straddle it, then over the block with its first and last states held to them.
+
+Viterbi's search (Viterbi 1967) keeps, per state, the least squared error of any path ending
+there; the ``2**bits`` predecessors of a state share all but their oldest symbol, so one step is
+a minimum over ``2**bits`` slabs of ``2**(L - bits)`` costs plus one squared error per state:
+about ``2**L`` operations per value whatever ``bits`` is. Blocks are vectorised in the lanes of
+the cost array (a ``(2**L, lanes)`` array per step) and processed ``lanes`` at a time, so memory
+stays bounded (the back-pointers are one byte per group of states and value). Decoding needs no
+search: a value is a window of ``L`` bits of the stream and one table lookup, so any rows can be
+decoded alone (:meth:`VQArray.take`).
+
+For model weights the input axis is first rotated by random signs and a Hadamard-type transform
+(:mod:`distq.core.hadamard`; only its seed is stored) so that the entries look Gaussian, then
+scaled per output channel; :func:`quantize_ldlq` adds error-compensating rounding on calibration
+data (LDLQ: GPTQ's feedback through the trellis).
+
+References:
+  A. Tseng, Q. Sun, D. Hou, C. De Sa, "QTIP: Quantization with trellises and incoherence
+  processing", NeurIPS 2024 (the bitshift trellis, computed Gaussian codes, tail-biting, Sec. 3).
+  M. W. Marcellin, T. R. Fischer, "Trellis coded quantization of memoryless and Gauss-Markov
+  sources", IEEE Trans. Communications 38(1), 1990.
+  A. J. Viterbi, "Error bounds for convolutional codes and an asymptotically optimum decoding
+  algorithm", IEEE Trans. Information Theory 13(2), 1967.
+  J. Chee, Y. Cai, V. Kuleshov, C. De Sa, "QuIP: 2-bit quantization of large language models
+  with guarantees", NeurIPS 2023 (LDLQ, Sec. 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from . import bitpack
+from . import hadamard
+from . import spec as _spec
+from .leaf import LeafBase, leaf_from_state
+from .specs_vq import VQ, min_block, rotates, tail_window
+
+# ---------------------------------------------------------------------------------- the code
+# a bijective integer hash of L-bit states: multiplications by odd constants and xor-shifts
+# (each invertible modulo 2**L), so the table holds every Gaussian quantile exactly once
+_HASH_STEPS = ((0x9E3779B1, 2), (0x85EBCA77, 3), (0xC2B2AE3D, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _table(state_bits: int) -> np.ndarray:
+    from scipy.special import ndtri  # noqa: PLC0415 (host-side, once per L)
+
+    n, mask = 1 << state_bits, np.uint64((1 << state_bits) - 1)
+    s = np.arange(n, dtype=np.uint64)
+    for mul, div in _HASH_STEPS:
+        s = (s * np.uint64(mul)) & mask
+        s ^= s >> np.uint64(max(1, (state_bits + div - 1) // div))
+    table = ndtri((s.astype(np.float64) + 0.5) / n).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def code_table(state_bits: int) -> np.ndarray:
+    """The reconstruction of every trellis state: ``2**state_bits`` Gaussian numbers.
+
+    Entry ``s`` is the standard normal quantile at ``(h(s) + 1/2) / 2**L``, where ``h`` is a
+    fixed bijective integer hash of ``L`` bits: the table holds each of the ``2**L`` quantiles
+    once, in a pseudo-random order, so neighbouring states (which share most of their bits)
+    reconstruct to unrelated values. It is computed, never stored (float64, then float32).
+
+    Examples:
+      >>> from distq.core.vq import code_table
+      >>> t = code_table(12)
+      >>> t.shape, t.dtype, round(float(t.mean()), 6), round(float(t.var()), 3)
+      ((4096,), dtype('float32'), 0.0, 1.0)
+      >>> len(set(t.tolist()))  # every quantile once
+      4096
+    """
+    _checks.check_int(state_bits, "state_bits", 2, 16)
+    return _table(int(state_bits))
+
+
+# ----------------------------------------------------------------------------------- Viterbi
+def _viterbi(x: jax.Array, table: jax.Array, z: jax.Array, L: int, k: int) -> jax.Array:
+    """Least-squared-error paths of sequences ``x`` (``(T, lanes)``, one per lane).
+
+    A state ``s`` (``L`` bits) moves to ``(s >> k) | (c << (L - k))`` on symbol ``c`` and
+    reconstructs to ``table[s]``. ``z`` (``(lanes,)`` int32): the required top ``L - k`` bits of
+    the state before the first value and after the last (tail-biting), or -1 for no constraint.
+    Returns the symbols, ``(T, lanes)`` int32.
+    """
+    T, lanes = x.shape
+    S, G = 1 << L, 1 << (L - k)
+    top = jnp.arange(S, dtype=jnp.int32)[:, None] >> k
+    ok = (z[None, :] < 0) | (top == z[None, :])
+    cost0 = jnp.where(ok, jnp.float32(0.0), jnp.float32(jnp.inf))
+    tab = table.reshape(1 << k, G, 1)  # [c, g]: the state (c << (L - k)) | g
+
+    def step(cost, xt):
+        c3 = cost.reshape(G, 1 << k, lanes)  # predecessors of group g: (g << k) | j
+        best, arg = c3[:, 0], jnp.zeros((G, lanes), jnp.uint8)
+        for j in range(1, 1 << k):
+            better = c3[:, j] < best
+            best = jnp.where(better, c3[:, j], best)
+            arg = jnp.where(better, jnp.uint8(j), arg)
+        new = best[None] + (xt[None, None, :] - tab) ** 2
+        return new.reshape(S, lanes), arg
+
+    cost, back = jax.lax.scan(step, cost0, x)
+    last = jnp.argmin(jnp.where(ok, cost, jnp.float32(jnp.inf)), axis=0).astype(jnp.int32)
+
+    def trace(s, arg):
+        g = s & (G - 1)
+        j = jnp.take_along_axis(arg, g[None, :], axis=0)[0].astype(jnp.int32)
+        return (g << k) | j, s >> (L - k)
+
+    _, symbols = jax.lax.scan(trace, last, back, reverse=True)
+    return symbols
+
+
+def _lanes(L: int, n: int) -> int:
+    """Blocks searched together: the cost array (``2**L`` float32 per lane) near 256 KiB."""
+    return max(1, min(n, max(8, (1 << 16) >> L)))
+
+
+def _encode_blocks(x: jax.Array, table: jax.Array, L: int, k: int) -> jax.Array:
+    """Tail-biting codes of ``n`` blocks ``x`` (``(n, T)``): symbols ``(n, T)`` int32."""
+    n, T = x.shape
+    m = L // k
+    w = min(tail_window(k, L), T)
+    lanes = _lanes(L, n)
+    pad = -n % lanes
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, lanes, T).transpose(0, 2, 1)
+    free = jnp.full((lanes,), -1, jnp.int32)
+
+    def chunk(xc):  # (T, lanes)
+        around = jnp.concatenate([xc[T - w:], xc[:w]], axis=0)  # the wrap point in the middle
+        sym = _viterbi(around, table, free, L, k)
+        # the top L - k bits of the state after the block's last value: its last m - 1 symbols
+        z = sum(sym[w - 1 - j] << ((m - 2 - j) * k) for j in range(m - 1))
+        return _viterbi(xc, table, z, L, k)
+
+    out = jax.lax.map(chunk, xs)  # (chunks, T, lanes)
+    return out.transpose(0, 2, 1).reshape(-1, T)[:n]
+
+
+# ---------------------------------------------------------------------------------- geometry
+class Geometry(NamedTuple):
+    """Where the values of an array sit in its trellis blocks (all static).
+
+    The array is viewed as ``(n_in, cols)`` (its input axis first, the other axes flattened;
+    ``(1, size)`` for a plain array), the **arrangement** the rotation and scales act on. Codes
+    follow that matrix's row-major order. Each row is cut into ``nb`` blocks, the first ``r``
+    of ``t + 1`` values and the others of ``t`` (rows shorter than one block are joined: then
+    the whole array is one row, ``rows == 1``).
+    """
+
+    n_in: int
+    cols: int
+    rows: int
+    width: int
+    nb: int
+    t: int
+    r: int
+
+    def parts(self) -> list[tuple[int, int, int]]:
+        """``(start column, blocks, block length)`` of the long and the short blocks of a row."""
+        out = []
+        if self.r:
+            out.append((0, self.r, self.t + 1))
+        if self.nb - self.r:
+            out.append((self.r * (self.t + 1), self.nb - self.r, self.t))
+        return out
+
+
+def geometry(shape: tuple[int, ...], spec: VQ) -> Geometry:
+    """The :class:`Geometry` of an array of ``shape`` under a resolved spec.
+
+    Examples:
+      >>> import distq
+      >>> from distq.core.vq import geometry
+      >>> geometry((384, 1536), distq.VQ(bits=2, input_axis=1))  # rows: the 1536 inputs
+      Geometry(n_in=1536, cols=384, rows=1536, width=384, nb=2, t=192, r=0)
+      >>> geometry((1000,), distq.VQ(bits=2, input_axis=None))
+      Geometry(n_in=1, cols=1000, rows=1, width=1000, nb=4, t=250, r=0)
+    """
+    size = math.prod(shape)
+    axis = spec.input_axis
+    n_in = 1 if axis is None else shape[axis]
+    cols = size // n_in
+    tmin = min_block(spec.bits, spec.L)
+    rows, width = (n_in, cols) if cols >= tmin else (1, size)
+    nb = max(1, min(int(width / spec.block + 0.5), width // tmin))
+    return Geometry(n_in, cols, rows, width, nb, width // nb, width % nb)
+
+
+def _arrange(x: jax.Array, axis: int | None) -> jax.Array:
+    """``x`` as ``(n_in, cols)``: the input axis first, the others flattened."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+def _unarrange(z: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    if axis is None:
+        return z.reshape(shape)
+    moved = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis)
+    return jnp.moveaxis(z.reshape(moved), 0, axis)
+
+
+def encode(u: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
+    """Trellis codes (``(rows, width)`` int32 symbols) of standardised values ``u`` laid out as
+    ``geo``'s coded rows."""
+    table = jnp.asarray(code_table(L))
+    out = []
+    for start, nblk, ln in geo.parts():
+        seg = u[:, start:start + nblk * ln].reshape(-1, ln)
+        out.append(_encode_blocks(seg, table, L, k).reshape(geo.rows, nblk * ln))
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+
+
+def states(symbols: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
+    """The trellis state of every value from the symbols (``(rows, width)``): each value's last
+    ``L / k`` symbols, read cyclically within its block, the newest in the high bits."""
+    m = L // k
+    out = []
+    for start, nblk, ln in geo.parts():
+        c = symbols[:, start:start + nblk * ln].reshape(geo.rows, nblk, ln)
+        s = c << ((m - 1) * k)
+        for j in range(1, m):
+            s = s | (jnp.roll(c, j, axis=-1) << ((m - 1 - j) * k))
+        out.append(s.reshape(geo.rows, nblk * ln))
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+
+
+def states_at(words: jax.Array, pos: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
+    """The states at flat positions ``pos`` (int32, row-major in the coded rows), read from the
+    packed code stream alone: ``L / k`` symbols each, wrapping within the value's block."""
+    m = L // k
+    row, i = pos // geo.width, pos % geo.width
+    span = geo.r * (geo.t + 1)
+    long_ = i < span
+    start = jnp.where(long_, (i // (geo.t + 1)) * (geo.t + 1), span + ((i - span) // geo.t)
+                      * geo.t)
+    length = jnp.where(long_, geo.t + 1, geo.t)
+    u, base = i - start, row * geo.width + start
+    s = jnp.zeros(pos.shape, jnp.int32)
+    for j in range(m):
+        sym = bitpack.take(words, k, base + jnp.remainder(u - j, length))
+        s = s | (sym << ((m - 1 - j) * k))
+    return s
+
+
+# --------------------------------------------------------------------------------- quantiser
+def _unit_exponent(z: jax.Array) -> jax.Array:
+    """The power of two that brings the largest magnitude of ``z`` into [0.5, 1) (0 for 0)."""
+    return jnp.frexp(jnp.max(jnp.abs(z)))[1].astype(jnp.int32)
+
+
+def _channel_sums(a: jax.Array, per_channel: bool) -> jax.Array:
+    return jnp.sum(a, axis=0) if per_channel else jnp.sum(a).reshape(1)
+
+
+def _seed(key: jax.Array | None) -> jax.Array:
+    return jax.random.bits(jax.random.key(0) if key is None else key, (), jnp.uint32)
+
+
+class _Prepared(NamedTuple):
+    """An array made ready for coding: ``x`` arranged ``= 2**e * in_scale[:, None] * R^T z``
+    (``R`` the rotation, ``in_scale`` as stored, or 1), and the scaling groups that held
+    non-finite values (``bad``)."""
+
+    z: jax.Array
+    e: jax.Array
+    in_scale: jax.Array | None
+    bad: jax.Array
+
+
+def _prepare(x: jax.Array, spec: VQ, seed: jax.Array) -> _Prepared:
+    z = _arrange(x.astype(jnp.float32), spec.input_axis)
+    fin = jnp.isfinite(z)
+    per_channel = spec.scales == "channel"
+    bad = (~jnp.all(fin, axis=0)) if per_channel else (~jnp.all(fin)).reshape(1)
+    z = jnp.where(fin, z, 0.0)
+    e = _unit_exponent(z)
+    z = jnp.ldexp(z, -e)
+    t = None
+    if spec.input_scales:  # each input channel to unit root-mean-square (as stored)
+        t = jnp.sqrt(jnp.mean(z * z, axis=1)).astype(spec.scale_dtype)
+        t32 = t.astype(jnp.float32)
+        z = z / jnp.where(t32 > 0, t32, 1.0)[:, None]
+    if rotates(spec):
+        z = hadamard.rotate(z, seed, axis=0)
+    return _Prepared(z, e, t, bad)
+
+
+def _rms(z: jax.Array, per_channel: bool) -> jax.Array:
+    n = z.shape[0] if per_channel else z.size
+    s = jnp.sqrt(_channel_sums(z * z, per_channel) / n)
+    return jnp.where(s > 0, s, 1.0)
+
+
+def _finish(x_shape, dtype, spec, symbols, scale_unit, prep: _Prepared, seed) -> "VQArray":
+    scale = jnp.ldexp(scale_unit, prep.e)
+    scale = jnp.where(prep.bad, jnp.float32(jnp.nan), scale).astype(spec.scale_dtype)
+    return VQArray(
+        codes=bitpack.pack(symbols.reshape(-1).astype(jnp.uint32), spec.bits),
+        scale=scale,
+        in_scale=prep.in_scale,
+        seed=seed if rotates(spec) else None,
+        value_shape=tuple(x_shape), dtype=dtype, bits=spec.bits, state_bits=spec.L,
+        block=spec.block, input_axis=spec.input_axis)
+
+
+def _quantize_impl(x: jax.Array, spec: VQ, key: jax.Array | None) -> "VQArray":
+    geo = geometry(x.shape, spec)
+    seed = _seed(key)
+    prep = _prepare(x, spec, seed)
+    z = prep.z
+    per_channel = spec.scales == "channel"
+    s0 = _rms(z, per_channel)
+    L, k = spec.L, spec.bits
+    u = (z / s0).reshape(geo.rows, geo.width)
+    symbols = encode(u, geo, L, k)
+    c = jnp.asarray(code_table(L))[states(symbols, geo, L, k)].reshape(z.shape)
+    # the scale that is optimal for these codes (least squares)
+    s = _channel_sums(z * c, per_channel) / _channel_sums(c * c, per_channel)
+    return _finish(x.shape, str(x.dtype), spec, symbols, s, prep, seed)
+
+
+_quantize_jit = jax.jit(_quantize_impl, static_argnums=1)
+
+
+def _check_scales(q: "VQArray", spec: VQ) -> None:
+    s = np.asarray(jax.device_get(q.scale.astype(jnp.float32)))
+    if not np.all(np.isfinite(s)):
+        raise ValueError(
+            f"{_spec.spec_str(spec)} cannot represent this array: a scale overflows "
+            f"scale_dtype={spec.scale_dtype!r} (largest {np.finfo(np.float32).max:.3g} for "
+            "float32/bfloat16, 65504 for float16); use scale_dtype='float32' or scale the "
+            "array down first")
+
+
+def quantize(x: Any, spec: VQ, key: jax.Array | None = None) -> "VQArray":
+    """Codes ``x`` with ``spec`` (resolved for a plain array when it has automatic fields);
+    ``key`` draws the rotation's seed. Jittable with ``spec`` static."""
+    dtype = _checks.dtype_name(x)
+    x = _checks.as_float_array(x)
+    spec = spec.resolve(tuple(x.shape))
+    why = spec.problem(tuple(x.shape))
+    if why:
+        raise ValueError(f"{_spec.spec_str(spec)} cannot take an array of shape "
+                         f"{tuple(x.shape)}: {why}")
+    q = _quantize_jit(x.astype(jnp.float32), spec, key)
+    if _checks.is_concrete(q.scale):
+        _check_scales(q, spec)
+    return q if q.dtype == dtype else dataclasses.replace(q, dtype=dtype)
+
+
+# -------------------------------------------------------------------------------------- leaf
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VQArray(LeafBase):
+    """A trellis-coded array: packed codes, scales, the rotation's seed, static metadata.
+
+    Attributes:
+      codes: the ``bits``-bit symbols of every value, bit-packed into uint32 words
+        (:func:`distq.bitpack.pack`) in the row-major order of the coded rows (see
+        :class:`Geometry`).
+      scale: the scale of each output channel (``(cols,)``) or of the tensor (``(1,)``); NaN
+        for a channel that held non-finite values (possible only under a trace).
+      in_scale: the root-mean-square of each input channel (``(n_in,)``, applied after the
+        inverse rotation), or ``None``.
+      seed: the uint32 seed of the input axis' rotation (:func:`distq.core.hadamard.rotate`),
+        or ``None`` when there is none.
+      value_shape, dtype: of the original array (``shape`` adds the batch axes of a VQArray
+        made under ``vmap``).
+      bits, state_bits, block: the trellis (bits per value, state length ``L``, target block
+        length); input_axis: the rotated input axis, or ``None`` for a plain array.
+
+    Examples:
+      >>> import jax, distq
+      >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+      >>> q = distq.quantize(w, distq.VQ(bits=3, input_axis=1))  # rotated inputs, row scales
+      >>> q.shape, q.nbytes == 256 * 128 * 3 // 8 + 2 * 256 + 4
+      ((256, 128), True)
+      >>> float(((q.dequantize() - w) ** 2).mean()) < 0.025  # Lloyd-Max: 0.0345
+      True
+      >>> bool(jax.numpy.allclose(q.take([3, 7]), q.dequantize()[[3, 7]], atol=1e-5))
+      True
+    """
+
+    kind: ClassVar[str] = "vqarray"
+    array_fields: ClassVar[tuple[str, ...]] = ("codes", "scale", "in_scale", "seed")
+    records_dtype: ClassVar[bool] = True
+
+    codes: jax.Array
+    scale: jax.Array
+    in_scale: jax.Array | None
+    seed: jax.Array | None
+    value_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True))
+    bits: int = dataclasses.field(metadata=dict(static=True))
+    state_bits: int = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(metadata=dict(static=True))
+    input_axis: int | None = dataclasses.field(metadata=dict(static=True))
+
+    # ---------------------------------------------------------------- array-like
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading axes added by ``vmap`` (``()`` for one array)."""
+        return tuple(getattr(self.codes, "shape", (0,))[:-1])
+
+    @property
+    def spec(self) -> VQ:
+        """The resolved spec that describes this array's layout."""
+        channel = tuple(getattr(self.scale, "shape", (1,)))[len(self.batch_shape):] != (1,)
+        return VQ(bits=self.bits, state_bits=self.state_bits, block=self.block,
+                  input_axis=self.input_axis, rotate=self.seed is not None,
+                  scales="channel" if channel else "tensor",
+                  input_scales=self.in_scale is not None,
+                  scale_dtype=str(getattr(self.scale, "dtype", "float32")))
+
+    @property
+    def geometry(self) -> Geometry:
+        return geometry(self.value_shape, self.spec)
+
+    def _unbatched(self, fn):
+        for _ in self.batch_shape:
+            fn = jax.vmap(fn)
+        return fn(self)
+
+    def _scale_f32(self) -> jax.Array:
+        return self.scale.astype(jnp.float32)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """Decodes to a dense array of the original shape and dtype (or ``dtype``)."""
+        if self.batch_shape:
+            return self._unbatched(lambda q: q.dequantize(dtype))
+        geo, L, k = self.geometry, self.state_bits, self.bits
+        symbols = bitpack.unpack(self.codes, k, math.prod(self.value_shape)).astype(jnp.int32)
+        st = states(symbols.reshape(geo.rows, geo.width), geo, L, k)
+        z = jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols) * self._scale_f32()
+        if self.seed is not None:
+            z = hadamard.unrotate(z, self.seed, axis=0)
+        if self.in_scale is not None:
+            z = z * self.in_scale.astype(jnp.float32)[:, None]
+        out = _unarrange(z, self.value_shape, self.input_axis)
+        return out.astype(dtype or _output_dtype(self.dtype))
+
+    def take(self, rows: Any, dtype: Any = None) -> jax.Array:
+        """Decoded rows (indices along the first axis), reading only their codes.
+
+        ``q.take(i)`` equals ``q.dequantize()[i]`` for an int or an integer array ``i``. Rows are
+        decoded alone when the first axis is not the rotated input axis (an embedding table or a
+        PyTorch-layout weight); with ``input_axis=0`` (a Flax kernel) the rotation mixes the
+        rows, so the array is decoded and indexed.
+        """
+        if self.batch_shape:
+            raise ValueError("take() reads rows of one array; index the batch first (q[i])")
+        if not self.value_shape:
+            raise ValueError("take() needs an array of rank >= 1")
+        rows = jnp.asarray(rows)
+        if not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
+        n0 = self.value_shape[0]
+        if _checks.is_concrete(rows) and rows.size and (
+                int(rows.max()) >= n0 or int(rows.min()) < -n0):
+            raise IndexError(f"row index out of range for {n0} rows")
+        r = jnp.where(rows < 0, rows + n0, rows).astype(jnp.int32)
+        out_dtype = dtype or _output_dtype(self.dtype)
+        axis = self.input_axis
+        if axis == 0:
+            return self.dequantize(jnp.float32)[r].astype(out_dtype)
+        geo, L, k = self.geometry, self.state_bits, self.bits
+        table = jnp.asarray(code_table(L))
+        scale = self._scale_f32()
+        if axis is None:
+            inner = math.prod(self.value_shape[1:])
+            pos = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32)
+            z = table[states_at(self.codes, pos, geo, L, k)] * scale[0]
+            return z.reshape(r.shape + self.value_shape[1:]).astype(out_dtype)
+        # the row's values: input j, then the other (non-input) axes after the first
+        rest = [s for i, s in enumerate(self.value_shape) if i not in (0, axis)]
+        inner = math.prod(rest)
+        col = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32)  # (..., inner)
+        pos = jnp.arange(geo.n_in, dtype=jnp.int32)[:, None] * geo.cols + col[..., None, :]
+        z = table[states_at(self.codes, pos, geo, L, k)]  # (..., n_in, inner)
+        z = z * (scale[col][..., None, :] if scale.shape[0] > 1 else scale[0])
+        if self.seed is not None:
+            z = hadamard.unrotate(z, self.seed, axis=z.ndim - 2)
+        if self.in_scale is not None:
+            z = z * self.in_scale.astype(jnp.float32)[:, None]
+        # (..., n_in, rest...) -> the row's own axis order (input axis at axis - 1)
+        z = z.reshape(r.shape + (geo.n_in,) + tuple(rest))
+        z = jnp.moveaxis(z, r.ndim, r.ndim + axis - 1)
+        return z.astype(out_dtype)
+
+    def __getitem__(self, idx) -> Any:
+        """Batch members of a batched VQArray; decoded values otherwise (integer row indices
+        decode only those rows, see :meth:`take`)."""
+        if self.batch_shape:
+            return jax.tree_util.tree_map(lambda a: a[idx], self)
+        if isinstance(idx, (int, np.integer)) or (
+                hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)) or (
+                isinstance(idx, list) and all(isinstance(i, (int, np.integer)) for i in idx)):
+            return self.take(idx)
+        return self.dequantize()[idx]
+
+    def __repr__(self) -> str:
+        return (f"VQArray(shape={self.shape}, dtype={self.dtype}, bits={self.bits}, "
+                f"state_bits={self.state_bits}, input_axis={self.input_axis}, "
+                f"nbytes={self.nbytes})")
+
+    # ---------------------------------------------------------------- serialisation
+    def metadata(self) -> dict:
+        """JSON-able static metadata (enough to rebuild the VQArray from its arrays)."""
+        return {"shape": list(self.value_shape), "dtype": self.dtype, "bits": self.bits,
+                "state_bits": self.state_bits, "block": self.block,
+                "input_axis": self.input_axis}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, metadata: dict) -> "VQArray":
+        """Rebuilds a VQArray from its arrays and :meth:`metadata` (validating both)."""
+        try:
+            axis = metadata["input_axis"]
+            opt = lambda name: None if arrays.get(name) is None else jnp.asarray(arrays[name])  # noqa: E731
+            q = cls(codes=jnp.asarray(arrays["codes"]), scale=jnp.asarray(arrays["scale"]),
+                    in_scale=opt("in_scale"), seed=opt("seed"),
+                    value_shape=tuple(int(s) for s in metadata["shape"]),
+                    dtype=str(metadata["dtype"]), bits=int(metadata["bits"]),
+                    state_bits=int(metadata["state_bits"]), block=int(metadata["block"]),
+                    input_axis=None if axis is None else int(axis))
+            jnp.dtype(q.dtype)
+            q.validate()
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"corrupt VQArray metadata or arrays: {e!r}") from None
+        return q
+
+    def validate(self) -> None:
+        """Checks that the arrays agree with the metadata (raises ``ValueError``)."""
+        spec = self.spec  # validates bits, state_bits, block, input_axis
+        shape, nb = self.value_shape, len(self.batch_shape)
+        if self.codes.dtype != jnp.uint32:
+            raise ValueError("VQArray.codes must be uint32 words")
+        if spec.problem(shape):
+            raise ValueError(f"VQArray shape {shape} does not fit its trellis: "
+                             f"{spec.problem(shape)}")
+        words = bitpack.packed_nwords(math.prod(shape), self.bits)
+        if tuple(self.codes.shape[nb:]) != (words,):
+            raise ValueError(f"VQArray.codes has {self.codes.shape[nb:]} words; shape {shape} "
+                             f"at {self.bits} bits needs {words}")
+        n_in = 1 if self.input_axis is None else shape[self.input_axis]
+        ns = tuple(self.scale.shape[nb:])
+        if ns not in ((1,), (math.prod(shape) // n_in,)) or self.scale.shape[:nb] != \
+                self.codes.shape[:nb]:
+            raise ValueError(f"VQArray.scale has shape {ns}; expected (1,) or "
+                             f"({math.prod(shape) // n_in},)")
+        if self.seed is not None and (self.input_axis is None or self.seed.dtype != jnp.uint32
+                                      or tuple(self.seed.shape[nb:]) != ()):
+            raise ValueError("VQArray.seed must be a uint32 scalar, with an input axis")
+        if self.in_scale is not None and (self.input_axis is None or tuple(
+                self.in_scale.shape[nb:]) != (n_in,)):
+            raise ValueError(f"VQArray.in_scale must have shape ({n_in},), with an input axis")
+
+
+def _output_dtype(name: str):
+    return jax.dtypes.canonicalize_dtype(jnp.dtype(name))
+
+
+def from_state_dict(state: dict) -> VQArray:
+    """Rebuilds a VQArray from ``flax.serialization.to_state_dict(q)`` without a target."""
+    return leaf_from_state(VQArray, state)
+
+
+# ------------------------------------------------------------------------------------- LDLQ
+def _hinv_upper(h: jax.Array, damp: float) -> jax.Array:
+    """The upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (``H^-1 = U^T U``);
+    inputs that never fire (zero diagonal) are decoupled."""
+    d = jnp.diag(h)
+    dead = d <= 0
+    h = jnp.where(dead[:, None] | dead[None, :], 0.0, h) + jnp.diag(jnp.where(dead, 1.0, 0.0))
+    h = h + damp * jnp.mean(jnp.where(dead, 0.0, jnp.diag(h))) * jnp.eye(h.shape[0])
+    lower = jnp.linalg.cholesky(h)
+    hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
+    return jnp.linalg.cholesky(hinv).T
+
+
+def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int):
+    geo = geometry(x.shape, spec)
+    n, cols = geo.n_in, geo.cols
+    L, k = spec.L, spec.bits
+    seed = _seed(key)
+    prep = _prepare(x, spec, seed)
+    z = prep.z
+    hr = h.astype(jnp.float32)
+    if prep.in_scale is not None:  # the inputs of the scaled rows: x_j * in_scale_j
+        t = prep.in_scale.astype(jnp.float32)
+        hr = hr * t[:, None] * t[None, :]
+    if rotates(spec):
+        hr = hadamard.rotate_gram(hr, seed)
+    per_channel = spec.scales == "channel"
+    s0 = _rms(z, per_channel)
+    u_fac = _hinv_upper(hr.astype(jnp.float32), damp)
+    row_geo = geo._replace(n_in=1, rows=1)
+    table = jnp.asarray(code_table(L))
+    nblk = -(-n // block)
+    pad = nblk * block - n
+    w = jnp.pad(z, ((0, pad), (0, 0)))
+    u_fac = jnp.pad(u_fac, ((0, pad), (0, pad))) + jnp.diag(
+        jnp.concatenate([jnp.zeros(n), jnp.ones(pad)]))
+
+    def block_step(w, b):
+        start = b * block
+        wb = jax.lax.dynamic_slice(w, (start, 0), (block, cols))
+        ub = jax.lax.dynamic_slice(u_fac, (start, start), (block, block))
+
+        def row_step(wb, j):
+            target = wb[j]
+            sym = encode((target / s0).reshape(1, cols), row_geo, L, k)
+            q = table[states(sym, row_geo, L, k)][0] * s0
+            err = (target - q) / ub[j, j]
+            later = jnp.where(jnp.arange(block) > j, ub[j], 0.0)
+            return wb - later[:, None] * err[None, :], (sym[0], err)
+
+        _, (sym, errs) = jax.lax.scan(row_step, wb, jnp.arange(block))
+        ur = jax.lax.dynamic_slice(u_fac, (start, 0), (block, u_fac.shape[1]))
+        after = jnp.arange(u_fac.shape[1]) >= start + block
+        w = w - jnp.where(after[None, :], ur, 0.0).T @ errs
+        return w, sym
+
+    _, sym = jax.lax.scan(block_step, w, jnp.arange(nblk))
+    symbols = sym.reshape(nblk * block, cols)[:n]
+    c = table[states(symbols, geo, L, k)]
+    # the scales that are optimal for these codes under the output error tr(E H E^T)
+    hc = jnp.matmul(hr.astype(jnp.float32), c, precision=jax.lax.Precision.HIGHEST)
+    num, den = _channel_sums(z * hc, per_channel), _channel_sums(c * hc, per_channel)
+    s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), s0)
+    return _finish(x.shape, str(x.dtype), spec, symbols, s, prep, seed)
+
+
+_ldlq_jit = jax.jit(_ldlq_impl, static_argnums=(2, 3, 5))
+
+
+def quantize_ldlq(x: Any, spec: VQ, h: Any, axis: int, *, damp: float = 0.01,
+                  key: jax.Array | None = None, block: int = 128) -> VQArray:
+    """Trellis codes of matrix ``x`` that minimise the error of its product with the inputs
+    summarised by the Gram matrix ``h = X^T X`` (over ``x``'s ``axis``, the contracted one).
+
+    LDLQ (QuIP's name for GPTQ's rounding with a vector quantiser): in the rotated basis (the
+    Gram matrix rotated alike, :func:`distq.core.hadamard.rotate_gram`), the inputs are visited
+    in order; each input's row of weights (all outputs) is trellis-coded as a whole, and its
+    error is fed forward to the inputs not yet coded through the Cholesky factor of ``H^-1``,
+    so that ``X W`` changes as little as possible. The scales are then refitted for the output
+    error. ``distq.quantize_tree(..., calibration=...)`` calls it through
+    :meth:`distq.VQ.quantize_calibrated`.
+
+    Args:
+      x: a matrix; h: its ``(n_in, n_in)`` Gram matrix over ``axis``.
+      spec: a :class:`distq.VQ` (its ``input_axis`` is taken from ``axis``).
+      damp: added to ``H``'s diagonal as a fraction of its mean diagonal.
+      key: draws the rotation's seed; block: inputs per block of deferred updates.
+
+    Examples:
+      >>> import jax, distq
+      >>> from distq import calibrate
+      >>> from distq.core.vq import quantize_ldlq
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> w = jax.random.normal(k1, (64, 128))  # (outputs, inputs): inputs on axis 1
+      >>> xs = jax.random.normal(k2, (512, 128)) @ jax.random.normal(k3, (128, 128))
+      >>> h = xs.T @ xs
+      >>> spec = distq.VQ(bits=2)
+      >>> q = quantize_ldlq(w, spec, h, axis=1)
+      >>> q0 = distq.quantize(w, spec.resolve(w.shape, "weight"))
+      >>> q.nbytes == q0.nbytes
+      True
+      >>> calibrate.output_error(w, q.dequantize(), h) < calibrate.output_error(
+      ...     w, q0.dequantize(), h) / 2
+      True
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"quantize_ldlq needs a matrix, got shape {tuple(x.shape)}")
+    axis = _checks.check_int(axis, "axis", -2, 1) % 2
+    spec = dataclasses.replace(spec, input_axis=axis).resolve(tuple(x.shape), "matrix")
+    why = spec.problem(tuple(x.shape))
+    if why:
+        raise ValueError(f"{_spec.spec_str(spec)} cannot take an array of shape "
+                         f"{tuple(x.shape)}: {why}")
+    h = jnp.asarray(h, jnp.float32)
+    n = x.shape[axis]
+    if h.shape != (n, n):
+        raise ValueError(f"h must be the ({n}, {n}) Gram matrix of x's axis {axis}, got "
+                         f"{tuple(h.shape)}")
+    geo = geometry(tuple(x.shape), spec)
+    if geo.rows != geo.n_in:  # rows too short for a block: the trellis spans inputs
+        return quantize(x, spec, key)
+    dtype = _checks.dtype_name(x)
+    q = _ldlq_jit(x.astype(jnp.float32), h, spec, float(damp), key, int(min(block, n)))
+    if _checks.is_concrete(q.scale):
+        _check_scales(q, spec)
+    return q if q.dtype == dtype else dataclasses.replace(q, dtype=dtype)
+
+
+_spec.register_leaf(VQArray)
+_spec.register_quantizer(VQ, lambda x, spec, key: quantize(x, spec, key))
+
+__all__ = ["Geometry", "VQ", "VQArray", "code_table", "encode", "from_state_dict", "geometry",
+           "quantize", "quantize_ldlq", "states", "states_at"]
