@@ -539,6 +539,8 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
     """
     opts = options or Calibration()
     axis, h = gram
+    if hasattr(spec, "quantize_calibrated"):  # a spec with its own rounding (VQ's LDLQ)
+        return spec.quantize_calibrated(x, (axis, h), damp=opts.damp)
     if isinstance(spec, Rotated):
         dtype = _checks.dtype_name(x)
         xr, spec = rot.rotated_input(x, spec)

@@ -51,6 +51,7 @@ import secrets
 import stat
 import struct
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -672,6 +673,14 @@ def _finish(path: str, w: _Writer, root: dict, leaves_json: str,
     return 8 + len(header) + sink.offset
 
 
+def _discard(f, path: str) -> None:
+    f.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Writer:
     """Writes a checkpoint leaf by leaf: its root is a dict, each entry stored when added.
 
@@ -712,6 +721,8 @@ class Writer:
         self.metadata = metadata
         fd, self._spool_path = _create_temp(*os.path.split(target), access=os.O_RDWR)
         self._spool = os.fdopen(fd, "w+b")
+        # a writer dropped without close() or abort() still removes its spool file
+        self._cleanup = weakref.finalize(self, _discard, self._spool, self._spool_path)
         self._w = _Writer(sink=_Sink(self._spool),
                           entropy_coded=_check_flag(entropy_coded, "entropy_coded"))
         self._keys: list[list] = []
@@ -758,11 +769,7 @@ class Writer:
         if self.closed:
             return
         self.closed = True
-        self._spool.close()
-        try:
-            os.unlink(self._spool_path)
-        except FileNotFoundError:
-            pass
+        self._cleanup()
 
     def __enter__(self) -> "Writer":
         return self
@@ -1456,7 +1463,7 @@ class LazyCheckpoint(Mapping):
 
 
 # --------------------------------------------------------------- safetensors inputs, streamed
-def _entry_array(f, start: int, e: dict) -> np.ndarray:
+def _entry_array(f, start: int, e: dict, path: str) -> np.ndarray:
     """Tensor ``e`` of the open file ``f`` (data from ``start``), memory-mapped read-only: its
     pages are read when used and leave memory when the array does."""
     a, b = e["data_offsets"]
@@ -1464,6 +1471,8 @@ def _entry_array(f, start: int, e: dict) -> np.ndarray:
     if b == a:
         return np.zeros(e["shape"], dt.newbyteorder("="))
     off = start + a
+    if os.fstat(f.fileno()).st_size < off + (b - a):  # reading a mapped page past the end
+        raise CheckpointError(f"{path!r} is truncated (it changed while being read)")  # = SIGBUS
     base = off - off % mmap.ALLOCATIONGRANULARITY
     mm = mmap.mmap(f.fileno(), off + (b - a) - base, offset=base, access=mmap.ACCESS_READ)
     arr = np.frombuffer(mm, dtype=dt, count=(b - a) // dt.itemsize, offset=off - base)
@@ -1590,7 +1599,7 @@ class SafetensorsFiles(Mapping):
         f, start = self._open[i]
         if f.closed:
             raise ValueError("these safetensors files are closed")
-        return _entry_array(f, start, e)
+        return _entry_array(f, start, e, self._paths[i])
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """The shape and dtype of tensor ``name`` (from the header; nothing is read)."""

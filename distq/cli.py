@@ -694,7 +694,10 @@ def _quantize_streamed(args, rules, t0: float) -> int:
             raise CliError(f"cannot write {args.out}: {_one_line(e)}") from None
         with writer, _one_line_warnings(), progress:
             for i, r in enumerate(plan.leaves):
-                leaf = src[r.path]
+                try:
+                    leaf = src[r.path]
+                except checkpoint.CheckpointError as e:  # e.g. a shard truncated meanwhile
+                    raise CliError(_one_line(e)) from None
                 if r.spec is None:
                     writer.add(r.path, leaf)  # written straight from the mapped file
                     rows.append(distq.tree.LeafReport(r.path, None, r.shape, r.dtype,

@@ -67,6 +67,9 @@ from . import _jaxpr
 from ._jaxpr import Interpreter, Tracked
 from .core import spec as _spec
 
+#: up to this many tiles a product is unrolled (straight-line code); more run in a loop
+_UNROLL = 16
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +408,15 @@ def _dot(opts: RuntimeOptions, interp: Interpreter, eqn, invals: list) -> list |
         pos = len(lb) + len(lhs_free) + rhs_free.index(f)
     aval = eqn.outvars[0].aval
 
+    if n_tiles <= _UNROLL:  # straight-line tiles, each decoded after the last product
+        pieces, prev, start = [], x, 0
+        while start < length:
+            size = min(tile, length - start)
+            (qk,) = _tie(opts, [prev], [q])[1]
+            w = _view(t, _slice_of(qk, start, size, t.perm[f], dtype, start or size), casts)
+            pieces.append(product(w))
+            prev, start = pieces[-1], start + size
+        return [lax.concatenate(pieces, pos)]
     align = math.gcd(tile, length)  # every start is a multiple of it
 
     def body(i, out):

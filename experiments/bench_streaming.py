@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+OUT = os.path.join(os.path.dirname(__file__), "out", "bench_streaming.md")
 ROWS, COLS = 8192, 4096  # 128 MiB of float32
 SMALL_ROWS = 60 * 2**20 // (4 * COLS)  # 60 MiB
 _WRAPPER = r"""
@@ -175,11 +176,18 @@ def main() -> None:
         if args.main:
             for c in ("small", "one"):
                 print(f"{c}: main {peak[('main', c)]:.0f} MiB -> this {peak[('this', c)]:.0f} MiB")
-        print("\n| version | input | leaves | input MiB | peak RSS MiB | seconds | output MiB |")
-        print("|---|---|---|---|---|---|---|")
+        table = ["| version | input | leaves | input MiB | peak RSS MiB | seconds | output MiB |",
+                 "|---|---|---|---|---|---|---|"]
         for who, case, n, size, p, s, o in rows:
-            print(f"| {who} | {case} | {n} | {size / 2**20:.0f} | {p:.0f} | {s:.1f} | "
-                  f"{o / 2**20:.1f} |")
+            table.append(f"| {who} | {case} | {n} | {size / 2**20:.0f} | {p:.0f} | {s:.1f} | "
+                         f"{o / 2**20:.1f} |")
+        table.append(f"\nrule {args.rule!r}{', entropy-coded' if args.entropy_coded else ''}; "
+                     f"sharded - one leaf: {extra:+.0f} MiB; load average "
+                     f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print("\n" + "\n".join(table))
+        os.makedirs(os.path.dirname(OUT), exist_ok=True)
+        with open(OUT, "w") as f:
+            f.write("# experiments/bench_streaming.py\n\n" + "\n".join(table) + "\n")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -197,7 +197,7 @@ def _tree():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((256, 64)).astype(np.float32)
     xs = rng.standard_normal((3, 64, 32)).astype(np.float32)
-    return {"scalar": distq.quantize(x, distq.Scalar(bits=4)),
+    return {"int4": distq.quantize(x, distq.Uniform(bits=4)),
             "int3-channel": distq.quantize(x, distq.Uniform(bits=3, axis=0)),
             "pq": distq.quantize(x[:64, :16], distq.PQ(m=4, bits=4), key=jax.random.key(0)),
             "batched": jax.vmap(lambda a: distq.quantize(a, distq.Uniform(bits=3)))(xs),
@@ -225,17 +225,17 @@ def test_entropy_coded_checkpoints_load_exactly_and_are_smaller(tmp_path):
             np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(v))
     info = distq.checkpoint.info(coded)
     nodes = dict(zip([k for _, k in info["tree"]["k"]], info["tree"]["v"]))
-    for k in ("scalar", "int3-channel", "batched"):  # Gaussian codes: coded, smaller
+    for k in ("int4", "int3-channel", "batched"):  # Gaussian codes: coded, smaller
         assert nodes[k]["coded"]["codes"]["bits"] == tree[k].bits, k
         assert info["tensors"][nodes[k]["arrays"]["codes"]]["dtype"] == "U8"
     assert "coded" not in nodes["cast"]  # no packed codes
     lazy = distq.load(coded, lazy=True)
-    _same_leaf(lazy["scalar"], tree["scalar"])  # the lazy reader decodes too
+    _same_leaf(lazy["int4"], tree["int4"])  # the lazy reader decodes too
 
 
 def test_near_uniform_codes_are_stored_plain(tmp_path):
     rng = _rng()
-    q = distq.quantize(rng.standard_normal(100_000).astype(np.float32),
+    q = distq.quantize(rng.standard_normal(20_000).astype(np.float32),
                        distq.Uniform(bits=4, symmetric=False))
     assert q.n == 16
     uniform = bitpack.pack(rng.integers(0, 16, q.size), 4)  # all 16 levels equally likely
@@ -284,7 +284,7 @@ def _coded_extra_field(header, data):
                          ids=["stream-bit", "bits", "shape", "bomb", "coder", "dtype",
                               "field-not-coded"])
 def test_damaged_entropy_coded_files_raise_checkpoint_errors(tmp_path, edit):
-    q = distq.quantize(_gaussian_codes(20_000, _rng()).astype(np.float32), distq.Scalar(bits=4))
+    q = distq.quantize(_gaussian_codes(20_000, _rng()).astype(np.float32), distq.Uniform(bits=4))
     f = tmp_path / "q.distq"
     distq.save(f, {"q": q}, entropy_coded=True)
     blob = f.read_bytes()
@@ -307,7 +307,7 @@ def test_cli_entropy_coded_and_info_shows_both_rates(tmp_path, capsys):
     src, out = tmp_path / "in.distq", tmp_path / "out.distq"
     x = np.random.default_rng(0).standard_normal((128, 96)).astype(np.float32)
     distq.save(src, {"w": x, "b": np.zeros(3, np.float32)})
-    assert cli.main(["quantize", str(src), str(out), "-q", "-e", "--rule", "w=scalar:4",
+    assert cli.main(["quantize", str(src), str(out), "-q", "-e", "--rule", "w=int:4",
                      "--rule", "b=none"]) == 0
     assert cli.main(["info", str(out), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -322,8 +322,7 @@ def test_cli_entropy_coded_and_info_shows_both_rates(tmp_path, capsys):
     assert "stored b/v" in text and "as stored (entropy-coded)" in text
     np.testing.assert_array_equal(
         np.asarray(distq.load(out)["w"].dequantize()),
-        np.asarray(distq.quantize(x, distq.Scalar(bits=4).resolve(x.shape, role="matrix"))
-                   .dequantize()))
+        np.asarray(distq.quantize(x, distq.Uniform(bits=4)).dequantize()))
 
 
 def test_coded_size_in_a_checkpoint_matches_the_coder(tmp_path):

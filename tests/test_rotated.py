@@ -54,16 +54,16 @@ def test_rotation_equals_dense_orthogonal_reference(n):
     np.testing.assert_allclose(back, x, atol=2e-5 * max(1.0, np.log2(n)) / 4, rtol=0)
 
 
-def test_fft_and_dense_odd_factors_agree(monkeypatch):
-    x = jax.random.normal(jax.random.key(0), (4, 3 * 2 * 45))  # odd factor 135
-    dense = H.rotate(x, 3)
-    monkeypatch.setattr(H, "DENSE_ODD_MAX", 1)  # every odd factor through the FFT
-    fft = H.rotate(x, 3)
-    np.testing.assert_allclose(np.asarray(fft), np.asarray(dense), atol=2e-5)
-    monkeypatch.setattr(H, "DENSE_ODD_MAX", 10_000)  # 771 = 3 * 257 as one dense product
-    x = jax.random.normal(jax.random.key(1), (3, 771))
-    np.testing.assert_allclose(np.asarray(H.rotate(x, 5)), np.asarray(x) @ _dense_reference(
-        771, 5).T, atol=3e-5)
+def test_fft_and_dense_odd_factors_agree():
+    """The Hartley factor by a dense product (small odd factors) and by the FFT (large ones)
+    are the same transform: both paths on the same sizes, against the NumPy matrix."""
+    for n in (3 * 2 * 45, 771, 97):  # odd factors 135, 771 = 3 * 257, 97
+        x = np.random.default_rng(n).standard_normal((4, n)).astype(np.float32)
+        p = n & -n
+        want = x @ np.kron(_sylvester(p), _hartley(n // p)).T
+        for dense_max in (1, 10_000):  # everything by FFT / everything dense
+            got = H.hadamard_transform(x, dense_max=dense_max)
+            np.testing.assert_allclose(np.asarray(got), want, atol=3e-5)
 
 
 def test_signs_are_fixed_by_the_seed_forever():

@@ -163,6 +163,11 @@ def test_safetensors_files_reads_tensors_memory_mapped(tmp_path):
             np.testing.assert_array_equal(got, a)
             assert not got.flags.writeable  # a read-only view of the mapped file
         assert st.metadata == {"total_size": 0}
+        shard = tmp_path / "ckpt" / "model-00002-of-00002.safetensors"
+        with open(shard, "r+b") as f:  # truncated after it was opened: refused, no SIGBUS
+            f.truncate(100)
+        with pytest.raises(CheckpointError, match="changed while being read"):
+            st["model.position_ids"]
 
 
 @pytest.mark.parametrize("damage", ["truncated-shard", "missing-shard", "tensor-not-in-shard",
@@ -269,6 +274,20 @@ def test_writer_aborts_on_an_exception_and_refuses_misuse(tmp_path):
         w.add("b", np.ones(3))
     with pytest.raises(ValueError, match="directory"):
         Writer(tmp_path)
+
+
+def test_writer_without_kernel_copy_and_dropped_writers(tmp_path, monkeypatch):
+    tree = {"a": np.arange(100_000.0), "b": np.ones(7, np.float16)}
+    distq.save(tmp_path / "ref.distq", tree)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)  # the portable copy
+    with Writer(tmp_path / "w.distq") as w:
+        for k, v in tree.items():
+            w.add(k, v)
+    assert (tmp_path / "w.distq").read_bytes() == (tmp_path / "ref.distq").read_bytes()
+    w = Writer(tmp_path / "dropped.distq")
+    w.add("a", np.ones(3))
+    del w  # neither closed nor aborted: its spool file goes with it
+    assert sorted(os.listdir(tmp_path)) == ["ref.distq", "w.distq"]
 
 
 # ------------------------------------------------------------------------ checksum

@@ -28,12 +28,12 @@ in lane order, exactly where the encoder wrote them), so no per-lane lengths are
 flush costs 4 bytes per lane, so the lane count grows with the input (at most one lane per
 4,096 symbols, at most 16,384 lanes).
 
-**Frequencies** are counted per tensor and scaled to ``M = 2**n`` (``n`` from 12 to 15, enough
-for the alphabet) with every symbol that occurs keeping at least 1; the table (``uint16``, up to
-the largest symbol) is stored in the output. The cost above the empirical entropy ``H`` is the
-Kullback-Leibler divergence of the scaled table (~1e-4 bit for 16 symbols at ``n = 15``), the
-rANS approximation (``< 1e-3`` bit at this state precision), and a fixed ~30 bytes of header
-plus 4 bytes per lane.
+**Frequencies** are counted per tensor and scaled to ``M = 2**n`` (``n`` from 12 for up to 32
+distinct symbols to 15 for 256 or more) with every symbol that occurs keeping at least 1; the
+table (``uint16``, up to the largest symbol) is stored in the output. The cost above the
+empirical entropy ``H`` is the Kullback-Leibler divergence of the scaled table and the rANS
+approximation (together ~1e-3 bit per symbol for 4-bit Gaussian codes), and a fixed ~30 bytes
+of header plus 4 bytes per lane.
 
 **Corrupt input.** :func:`decode` validates everything it reads: the header, the table (it must
 sum to ``M``), the initial states (within ``[L, 2**32)``), that every word the lanes need exists,
@@ -152,7 +152,9 @@ def _scaled_frequencies(counts: np.ndarray, n: int) -> np.ndarray:
 
 
 def _prob_bits(distinct: int) -> int | None:
-    n = max(_MIN_PROB_BITS, math.ceil(math.log2(max(distinct, 1))) + 4)
+    # measured: 16 symbols code best at n = 12 (a larger M costs rANS precision, as M nears
+    # L), 256 skewed ones at n = 15 (small probabilities need the table's resolution)
+    n = max(_MIN_PROB_BITS, math.ceil(math.log2(max(distinct, 1))) + 7)
     n = min(n, _MAX_PROB_BITS)
     return n if distinct <= (1 << n) else None
 

@@ -109,13 +109,7 @@ def random_signs(seed: Any, n: int) -> jax.Array:
       >>> bool((np.asarray(random_signs(3, 8)) == sign_bits_numpy(3, 8)).all())
       True
     """
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        if not 0 <= int(seed) < 1 << 32:
-            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-        seed = np.uint32(seed)
-    seed = jnp.asarray(seed)
-    if seed.dtype != jnp.uint32 or seed.ndim != 0:
-        raise TypeError(f"seed must be an int or a uint32 scalar, got {seed.dtype}{seed.shape}")
+    seed = _seed_array(seed)
     s = _mix(seed ^ jnp.uint32(_GOLDEN))
     h = _mix(jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(_GOLDEN) + s)
     return 1.0 - 2.0 * (h >> 31).astype(jnp.float32)
@@ -135,11 +129,11 @@ def hartley_matrix(m: int) -> np.ndarray:
     return (np.cos(a) + np.sin(a)) / np.sqrt(m)
 
 
-def _hartley_last(x: jax.Array, m: int) -> jax.Array:
+def _hartley_last(x: jax.Array, m: int, dense_max: int) -> jax.Array:
     """The normalised Hartley transform along the last axis (length ``m``)."""
     if m == 1:
         return x
-    if m <= DENSE_ODD_MAX:
+    if m <= dense_max:
         c = jnp.asarray(hartley_matrix(m), jnp.float32)
         return jnp.matmul(x, c, precision=jax.lax.Precision.HIGHEST)
     f = jnp.fft.fft(x.astype(jnp.complex64), axis=-1)
@@ -165,13 +159,61 @@ def _walsh_last(x: jax.Array, p: int, m: int) -> jax.Array:
     return x if rest == 1.0 else x * jnp.float32(rest)
 
 
-def hadamard_transform(x: Any, axis: int = -1) -> jax.Array:
+def _transform(x: jax.Array, axis: int, dense_max: int) -> jax.Array:
+    """``K`` along ``axis`` (non-negative) of a float32 array."""
+    n = x.shape[axis]
+    if n == 0:
+        return x
+    p, m = split_size(n)
+    y = jnp.moveaxis(x, axis, -1)
+    lead = y.shape[:-1]
+    y = _walsh_last(y, p, m)
+    y = _hartley_last(y.reshape(lead + (p, m)), m, dense_max).reshape(lead + (n,))
+    return jnp.moveaxis(y, -1, axis)
+
+
+def _rotate(x: jax.Array, seed: jax.Array, axis: int, inverse: bool) -> jax.Array:
+    """``R x`` (or ``R^T x``) along ``axis`` (non-negative) of a float32 array."""
+    n = x.shape[axis]
+    signs = random_signs(seed, n).reshape((1,) * axis + (n,) + (1,) * (x.ndim - 1 - axis))
+    if inverse:
+        return _transform(x, axis, DENSE_ODD_MAX) * signs
+    return _transform(x * signs, axis, DENSE_ODD_MAX)
+
+
+# compiled once per shape (and axis) when called eagerly; inlined under a caller's jit
+_transform_jit = jax.jit(_transform, static_argnums=(1, 2))
+_rotate_jit = jax.jit(_rotate, static_argnums=(2, 3))
+
+
+def _prepared(x, axis: int):
+    x = jnp.asarray(x)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis={axis} is out of range for an array of rank {x.ndim}")
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    return x.astype(jnp.float32), axis % x.ndim, out_dtype
+
+
+def _seed_array(seed) -> jax.Array:
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if not 0 <= int(seed) < 1 << 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        return jnp.asarray(np.uint32(seed))
+    seed = jnp.asarray(seed)
+    if seed.dtype != jnp.uint32 or seed.ndim != 0:
+        raise TypeError(f"seed must be an int or a uint32 scalar, got {seed.dtype}{seed.shape}")
+    return seed
+
+
+def hadamard_transform(x: Any, axis: int = -1, *, dense_max: int = DENSE_ODD_MAX) -> jax.Array:
     """``K = H_p (x) C_m`` applied along ``axis`` (orthogonal, symmetric, its own inverse).
 
     Args:
       x: a float array (computed in float32; returned in ``x``'s float dtype, float32 for
         other dtypes).
       axis: the axis transformed, of any length ``n = p * m`` (see :func:`split_size`).
+      dense_max: odd factors ``m`` up to this are applied as a dense product, larger ones
+        through the FFT (both give the same transform).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -181,25 +223,8 @@ def hadamard_transform(x: Any, axis: int = -1) -> jax.Array:
       >>> bool(jnp.allclose(hadamard_transform(hadamard_transform(x)), x, atol=1e-5))
       True
     """
-    x = jnp.asarray(x)
-    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis={axis} is out of range for an array of rank {x.ndim}")
-    axis %= x.ndim
-    n = x.shape[axis]
-    if n == 0:
-        return x.astype(out_dtype)
-    p, m = split_size(n)
-    y = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-    lead = y.shape[:-1]
-    y = _walsh_last(y, p, m)
-    y = _hartley_last(y.reshape(lead + (p, m)), m).reshape(lead + (n,))
-    return jnp.moveaxis(y, -1, axis).astype(out_dtype)
-
-
-def _signs_along(seed, n: int, axis: int, ndim: int) -> jax.Array:
-    s = random_signs(seed, n)
-    return s.reshape((1,) * axis + (n,) + (1,) * (ndim - 1 - axis))
+    x, axis, out_dtype = _prepared(x, axis)
+    return _transform_jit(x, axis, int(dense_max)).astype(out_dtype)
 
 
 def rotate(x: Any, seed: Any = 0, axis: int = -1) -> jax.Array:
@@ -219,13 +244,8 @@ def rotate(x: Any, seed: Any = 0, axis: int = -1) -> jax.Array:
       ...                   rotate(w, 5, 1)))
       True
     """
-    x = jnp.asarray(x)
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis={axis} is out of range for an array of rank {x.ndim}")
-    axis %= x.ndim
-    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    signs = _signs_along(seed, x.shape[axis], axis, x.ndim)
-    return hadamard_transform(x.astype(jnp.float32) * signs, axis).astype(out_dtype)
+    x, axis, out_dtype = _prepared(x, axis)
+    return _rotate_jit(x, _seed_array(seed), axis, False).astype(out_dtype)
 
 
 def unrotate(y: Any, seed: Any = 0, axis: int = -1) -> jax.Array:
@@ -237,13 +257,8 @@ def unrotate(y: Any, seed: Any = 0, axis: int = -1) -> jax.Array:
       >>> float(jnp.abs(unrotate(rotate(x, 2), 2) - x).max()) < 1e-5
       True
     """
-    y = jnp.asarray(y)
-    if not -y.ndim <= axis < y.ndim:
-        raise ValueError(f"axis={axis} is out of range for an array of rank {y.ndim}")
-    axis %= y.ndim
-    out_dtype = y.dtype if jnp.issubdtype(y.dtype, jnp.floating) else jnp.float32
-    signs = _signs_along(seed, y.shape[axis], axis, y.ndim)
-    return (hadamard_transform(y.astype(jnp.float32), axis) * signs).astype(out_dtype)
+    y, axis, out_dtype = _prepared(y, axis)
+    return _rotate_jit(y, _seed_array(seed), axis, True).astype(out_dtype)
 
 
 def rotation_matrix(n: int, seed: Any = 0) -> jax.Array:

@@ -306,8 +306,9 @@ def _prepare(x: jax.Array, spec: VQ, seed: jax.Array) -> _Prepared:
     e = _unit_exponent(z)
     z = jnp.ldexp(z, -e)
     t = None
-    if spec.input_scales:  # each input channel to unit root-mean-square (as stored)
-        t = jnp.sqrt(jnp.mean(z * z, axis=1)).astype(spec.scale_dtype)
+    if spec.input_scales is not None:  # input channels divided by their size ** a (as stored)
+        rms = jnp.sqrt(jnp.mean(z * z, axis=1))
+        t = (rms ** jnp.float32(spec.input_scales)).astype(spec.scale_dtype)
         t32 = t.astype(jnp.float32)
         z = z / jnp.where(t32 > 0, t32, 1.0)[:, None]
     if rotates(spec):
@@ -341,7 +342,7 @@ def _quantize_impl(x: jax.Array, spec: VQ, key: jax.Array | None) -> "VQArray":
     per_channel = spec.scales == "channel"
     s0 = _rms(z, per_channel)
     L, k = spec.L, spec.bits
-    u = (z / s0).reshape(geo.rows, geo.width)
+    u = (z / s0[None, :]).reshape(geo.rows, geo.width)
     symbols = encode(u, geo, L, k)
     c = jnp.asarray(code_table(L))[states(symbols, geo, L, k)].reshape(z.shape)
     # the scale that is optimal for these codes (least squares)
@@ -390,8 +391,8 @@ class VQArray(LeafBase):
         :class:`Geometry`).
       scale: the scale of each output channel (``(cols,)``) or of the tensor (``(1,)``); NaN
         for a channel that held non-finite values (possible only under a trace).
-      in_scale: the root-mean-square of each input channel (``(n_in,)``, applied after the
-        inverse rotation), or ``None``.
+      in_scale: the factor of each input channel (``(n_in,)``, its root-mean-square to the
+        power ``input_scales``, applied after the inverse rotation), or ``None``.
       seed: the uint32 seed of the input axis' rotation (:func:`distq.core.hadamard.rotate`),
         or ``None`` when there is none.
       value_shape, dtype: of the original array (``shape`` adds the batch axes of a VQArray
@@ -439,7 +440,7 @@ class VQArray(LeafBase):
         return VQ(bits=self.bits, state_bits=self.state_bits, block=self.block,
                   input_axis=self.input_axis, rotate=self.seed is not None,
                   scales="channel" if channel else "tensor",
-                  input_scales=self.in_scale is not None,
+                  input_scales=None if self.in_scale is None else 1.0,
                   scale_dtype=str(getattr(self.scale, "dtype", "float32")))
 
     @property
@@ -461,7 +462,7 @@ class VQArray(LeafBase):
         geo, L, k = self.geometry, self.state_bits, self.bits
         symbols = bitpack.unpack(self.codes, k, math.prod(self.value_shape)).astype(jnp.int32)
         st = states(symbols.reshape(geo.rows, geo.width), geo, L, k)
-        z = jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols) * self._scale_f32()
+        z = jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols) * self._scale_f32()[None, :]
         if self.seed is not None:
             z = hadamard.unrotate(z, self.seed, axis=0)
         if self.in_scale is not None:
@@ -496,22 +497,24 @@ class VQArray(LeafBase):
         geo, L, k = self.geometry, self.state_bits, self.bits
         table = jnp.asarray(code_table(L))
         scale = self._scale_f32()
+        lead = (1,) * r.ndim
         if axis is None:
             inner = math.prod(self.value_shape[1:])
-            pos = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32)
+            pos = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(lead + (-1,))
             z = table[states_at(self.codes, pos, geo, L, k)] * scale[0]
             return z.reshape(r.shape + self.value_shape[1:]).astype(out_dtype)
         # the row's values: input j, then the other (non-input) axes after the first
         rest = [s for i, s in enumerate(self.value_shape) if i not in (0, axis)]
         inner = math.prod(rest)
-        col = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32)  # (..., inner)
-        pos = jnp.arange(geo.n_in, dtype=jnp.int32)[:, None] * geo.cols + col[..., None, :]
+        col = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(lead + (-1,))
+        inputs = jnp.arange(geo.n_in, dtype=jnp.int32).reshape(lead + (-1, 1))
+        pos = inputs * geo.cols + col[..., None, :]  # (..., n_in, inner)
         z = table[states_at(self.codes, pos, geo, L, k)]  # (..., n_in, inner)
         z = z * (scale[col][..., None, :] if scale.shape[0] > 1 else scale[0])
         if self.seed is not None:
             z = hadamard.unrotate(z, self.seed, axis=z.ndim - 2)
         if self.in_scale is not None:
-            z = z * self.in_scale.astype(jnp.float32)[:, None]
+            z = z * self.in_scale.astype(jnp.float32).reshape(lead + (-1, 1))
         # (..., n_in, rest...) -> the row's own axis order (input axis at axis - 1)
         z = z.reshape(r.shape + (geo.n_in,) + tuple(rest))
         z = jnp.moveaxis(z, r.ndim, r.ndim + axis - 1)
