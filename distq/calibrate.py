@@ -169,7 +169,7 @@ def gram(x: jax.Array, axis: int, weight: jax.Array | None = None,
       >>> import jax.numpy as jnp
       >>> x = jnp.array([[1.0, 0.0], [0.0, 10.0]])  # two tokens, the second one 10x larger
       >>> w = jnp.eye(2)
-      >>> gram(x, 1).tolist(), gram(x, 1, w, 1).tolist()  # weighted: each token counts once
+      >>> gram(x, 1).tolist(), gram(x, 1, w, 1).round(6).tolist()  # weighted: each token once
       ([[1.0, 0.0], [0.0, 100.0]], [[1.0, 0.0], [0.0, 1.0]])
     """
     x = jnp.moveaxis(x, axis, -1)
@@ -312,7 +312,8 @@ def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
       >>> bool(jnp.allclose(grams["kernel"][1], h, rtol=1e-4))
       True
       >>> uniform = calibrate.Calibration(weighting="uniform")  # plain X^T X, as in GPTQ
-      >>> grams = calibrate.collect(params, (apply_fn, (x,)), ["kernel"], [True], uniform)
+      >>> grams = calibrate.collect(params, (apply_fn, (x,)), ["kernel", "weight"],
+      ...                           [True, False], uniform)
       >>> bool(jnp.allclose(grams["kernel"][1], x.T @ x, rtol=1e-5))
       True
     """
@@ -532,9 +533,9 @@ def quantize_calibrated(x, spec, gram: tuple[int, jax.Array], options: Calibrati
       >>> err = lambda q: calibrate.output_error(w.T, q.dequantize().T, h)
       >>> err(q) < err(q0) / 2
       True
-      >>> spec = distq.Rotated(distq.Uniform(bits=3, axis=1), axis=0)  # rotates the inputs
+      >>> spec = distq.Rotated(distq.Uniform(bits=3), axis=0)  # rotates the inputs (and H)
       >>> qr = calibrate.quantize_calibrated(w, spec, (0, h))
-      >>> type(qr).__name__, err(qr) < err(distq.quantize(w, spec)) / 2
+      >>> type(qr).__name__, err(qr) < err(distq.quantize(w, spec)) * 0.6
       ('RotatedArray', True)
     """
     opts = options or Calibration()

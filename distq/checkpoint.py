@@ -94,7 +94,6 @@ _MAX_DEPTH = 100
 #: a leftover temporary file of an interrupted save is removed after this many seconds (or at
 #: once when the process that created it no longer runs)
 _STALE_AFTER_S = 3600.0
-_CODE_CHUNK = 1 << 18  # rows of code words checked at once on load (bounded memory)
 #: an entropy-coded tensor decodes to at most this many times its bytes (plus 16 MiB)
 _MAX_EXPANSION = 1024
 _READ_CHUNK = 16 << 20  # bytes hashed at once when verifying a file without reading it whole
@@ -1208,28 +1207,8 @@ def _max_code(words: np.ndarray, bits: int, count: int) -> int:
     stream bit ``b`` is bit ``b % 32`` of word ``b // 32``), in bounded memory."""
     if isinstance(words, jax.Array) and not words.is_fully_addressable:
         return _max_code_global(words, bits, count)
-    words = np.asarray(words, dtype=np.uint32).reshape(-1)
-    g = math.gcd(bits, 32)
-    per, q = 32 // g, bits // g  # a period of `per` codes fills `q` words exactly
-    periods = count // per
-    mask = np.uint32((1 << bits) - 1)
-    rows = words[:periods * q].reshape(periods, q)
-    top = 0
-    for r0 in range(0, periods, _CODE_CHUNK):
-        blk = rows[r0:r0 + _CODE_CHUNK]
-        for j in range(per):
-            w, s = divmod(j * bits, 32)
-            v = blk[:, w] >> np.uint32(s)
-            if s + bits > 32:
-                v = v | (blk[:, w + 1] << np.uint32(32 - s))
-            top = max(top, int((v & mask).max()))
-    rest = words[periods * q:].astype(np.uint64)
-    for i in range(count - periods * per):  # < 32 codes
-        w, s = divmod(i * bits, 32)
-        lo = int(rest[w]) if w < len(rest) else 0
-        hi = int(rest[w + 1]) if w + 1 < len(rest) else 0
-        top = max(top, ((lo | (hi << 32)) >> s) & int(mask))
-    return top
+    return max((int(c.max()) for c in entropy.iter_codes(np.asarray(words), bits, count)
+                if c.size), default=0)
 
 
 def _check_code_range(leaf: Any, arrays: dict, where: str, fail) -> None:
@@ -1375,20 +1354,33 @@ class _OnDisk(_Checkpoint):
             dt.newbyteorder("="), copy=False)
 
 
-def _tree_items(n: dict, path: str = ""):
-    """``(path, node)`` of every node of a (validated) JSON tree that is not a container."""
-    t = n["t"]
+def tree_nodes(tree: dict, path: str = ""):
+    """``(path, node)`` of every node of a validated tree description (``info(f)["tree"]``)
+    that is not a container, in order: arrays, quantised leaves, keys, scalars, ``None``. Paths
+    are ``/``-joined keys, as in :func:`distq.planning.path_str`.
+
+    Examples:
+      >>> import os, tempfile, numpy as np, distq
+      >>> from distq.checkpoint import info, tree_nodes
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> f = os.path.join(folder.name, "t.distq")
+      >>> _ = distq.save(f, {"a": {"b": np.ones(2)}, "c": [3, None]})
+      >>> [(p, n["t"]) for p, n in tree_nodes(info(f)["tree"])]
+      [('a/b', 'array'), ('c/0', 'scalar'), ('c/1', 'none')]
+      >>> folder.cleanup()
+    """
+    t = tree["t"]
     if t == "dict":
-        for (_, k), v in zip(n["k"], n["v"]):
-            yield from _tree_items(v, f"{path}/{k}" if path else str(k))
+        for (_, k), v in zip(tree["k"], tree["v"]):
+            yield from tree_nodes(v, f"{path}/{k}" if path else str(k))
     elif t == "namedtuple":
-        for f, v in zip(n["fields"], n["v"]):
-            yield from _tree_items(v, f"{path}/{f}" if path else f)
+        for f, v in zip(tree["fields"], tree["v"]):
+            yield from tree_nodes(v, f"{path}/{f}" if path else f)
     elif t in ("list", "tuple"):
-        for i, v in enumerate(n["v"]):
-            yield from _tree_items(v, f"{path}/{i}" if path else str(i))
+        for i, v in enumerate(tree["v"]):
+            yield from tree_nodes(v, f"{path}/{i}" if path else str(i))
     else:
-        yield path, n
+        yield path, tree
 
 
 class LazyCheckpoint(Mapping):
@@ -1430,7 +1422,7 @@ class LazyCheckpoint(Mapping):
             raise
         self._c.as_numpy = _check_flag(as_numpy, "as_numpy")
         self._nodes: dict[str, dict] = {}
-        for p, n in _tree_items(self._c.tree):
+        for p, n in tree_nodes(self._c.tree):
             self._nodes.setdefault(p, n)
         self.path = self._c.path
         self.user: dict[str, str] = self._c.user

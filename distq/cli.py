@@ -562,17 +562,9 @@ def cmd_quantize(args) -> int:
 
     import distq
 
-    try:
-        plan = distq.plan(tree, rules)
-    except (ValueError, TypeError) as e:
-        raise CliError(_one_line(e)) from None
-    if args.dry_run:
-        print(plan.table())
-        print(f"{len(plan.leaves)} leaves, {len(plan.quantized())} to quantise "
-              f"(dry run: nothing written)")
-        _check_plan(plan, args.rule, args.allow_unused)
+    plan = _checked_plan(tree, rules, args)
+    if plan is None:  # a dry run
         return 0
-    _check_plan(plan, args.rule, args.allow_unused)  # before any work, not after an hour
 
     show = args.progress if args.progress is not None else (
         _stderr_is_terminal() and not args.quiet)
@@ -594,6 +586,23 @@ def cmd_quantize(args) -> int:
         raise CliError(f"cannot write {args.out}: {_one_line(e)}") from None
     _print_summary(args, report, size, t0)
     return 0
+
+
+def _checked_plan(tree, rules, args):
+    """The plan of ``rules`` on ``tree``, checked before any work (not after an hour); ``None``
+    after printing it for ``--dry-run``."""
+    import distq
+
+    try:
+        plan = distq.plan(tree, rules)
+    except (ValueError, TypeError) as e:
+        raise CliError(_one_line(e)) from None
+    if args.dry_run:
+        print(plan.table())
+        print(f"{len(plan.leaves)} leaves, {len(plan.quantized())} to quantise "
+              f"(dry run: nothing written)")
+    _check_plan(plan, args.rule, args.allow_unused)
+    return None if args.dry_run else plan
 
 
 def _print_summary(args, report, size: int, t0: float) -> None:
@@ -664,18 +673,10 @@ def _quantize_streamed(args, rules, t0: float) -> int:
 
         import distq
 
-        shapes = {name: jax.ShapeDtypeStruct(*src.shape_dtype(name)) for name in src}
-        try:
-            plan = distq.plan(shapes, rules)
-        except (ValueError, TypeError) as e:
-            raise CliError(_one_line(e)) from None
-        if args.dry_run:
-            print(plan.table())
-            print(f"{len(plan.leaves)} leaves, {len(plan.quantized())} to quantise "
-                  f"(dry run: nothing written)")
-            _check_plan(plan, args.rule, args.allow_unused)
+        plan = _checked_plan({name: jax.ShapeDtypeStruct(*src.shape_dtype(name))
+                              for name in src}, rules, args)
+        if plan is None:  # a dry run
             return 0
-        _check_plan(plan, args.rule, args.allow_unused)  # before any work, not after an hour
         spec_str = _spec_module().spec_str
         fmt = "safetensors" if len(src.files) == 1 else "safetensors (sharded)"
         metadata = {"source": os.path.basename(os.path.normpath(args.input)),
@@ -730,23 +731,6 @@ def _quantize_streamed(args, rules, t0: float) -> int:
 
 
 # ----------------------------------------------------------------------------------- info
-def _tree_nodes(n: dict, path: str = ""):
-    """``(path, node)`` of every node of a checkpoint's tree description that is not a
-    container (the paths of :func:`distq.planning.path_str`)."""
-    t = n.get("t")
-    if t == "dict":
-        for (_, k), v in zip(n["k"], n["v"]):
-            yield from _tree_nodes(v, f"{path}/{k}" if path else str(k))
-    elif t == "namedtuple":
-        for f, v in zip(n["fields"], n["v"]):
-            yield from _tree_nodes(v, f"{path}/{f}" if path else f)
-    elif t in ("list", "tuple"):
-        for i, v in enumerate(n["v"]):
-            yield from _tree_nodes(v, f"{path}/{i}" if path else str(i))
-    else:
-        yield path, n
-
-
 def _stored_bytes(info: dict) -> dict[str, int]:
     """The bytes each leaf takes in the file (entropy-coded arrays at their coded size)."""
     tensors = info["tensors"]
@@ -756,7 +740,7 @@ def _stored_bytes(info: dict) -> dict[str, int]:
         return int(b) - int(a)
 
     out = {}
-    for path, n in _tree_nodes(info["tree"]):
+    for path, n in _checkpoint_module().tree_nodes(info["tree"]):
         refs = list(n["arrays"].values()) if isinstance(n.get("arrays"), dict) else (
             [n["ref"]] if "ref" in n else [])
         out.setdefault(path, sum(nbytes(r) for r in refs))
@@ -768,7 +752,7 @@ def _rows_from_tree(info: dict) -> list[dict]:
     tensors = info["tensors"]
     stored = _stored_bytes(info)
     rows = []
-    for path, n in _tree_nodes(info["tree"]):
+    for path, n in _checkpoint_module().tree_nodes(info["tree"]):
         t = n.get("t")
         if t == "array":
             e = tensors[n["ref"]]
@@ -828,7 +812,7 @@ def cmd_info(args) -> int:
     except checkpoint.CheckpointError as e:
         raise CliError(_one_line(e)) from None
     stored = _stored_bytes(info) if kind == "distq" else {}
-    coded = kind == "distq" and any("coded" in n for _, n in _tree_nodes(info["tree"]))
+    coded = kind == "distq" and any("coded" in n for _, n in checkpoint.tree_nodes(info["tree"]))
     rows = [{**r, "bits_per_value": _bits_per_value(r["bytes_after"], r["shape"]),
              "stored_bytes": stored.get(r["path"], r["bytes_after"])} for r in rows]
     rows = [{**r, "stored_bits_per_value": _bits_per_value(r["stored_bytes"], r["shape"])}

@@ -1,9 +1,11 @@
 """Portable artefacts: a model's forward with its weights kept quantised, through ``jax.export``.
 
 The exported StableHLO takes the packed codes, codebooks and scales as inputs (or embeds them as
-constants) and decodes them inside the graph, so the artefact (or the arrays shipped beside it)
-stays as small as the quantised checkpoint; any JAX runtime can deserialise and run it without
-distq.
+constants) and decodes each weight inside the graph where it is used, as
+:func:`distq.quantized_apply` does (embedding rows gathered from their codes, large matrices
+decoded tile by tile), so the artefact (or the arrays shipped beside it) stays as small as the
+quantised checkpoint and runs in about the memory of the packed weights; any JAX runtime can
+deserialise and run it without distq.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 import jax
 from jax import export as jex
 
-from .tree import dequantize_tree
+from .runtime import quantized_apply
 
 
 def export(apply_fn: Callable, qtree: Any, *example_args, embed_weights: bool = False,
-           platforms: tuple[str, ...] | None = None) -> jex.Exported:
-    """Exports ``apply_fn(dequantize_tree(qtree), *args)`` with ``jax.export``.
+           platforms: tuple[str, ...] | None = None, **runtime_options) -> jex.Exported:
+    """Exports ``apply_fn(dequantize_tree(qtree), *args)`` with ``jax.export``, each weight
+    decoded where it is used (:func:`distq.quantized_apply`).
 
     Args:
       apply_fn: ``apply_fn(params, *args)``, a pure JAX function of the float tree.
@@ -31,6 +34,8 @@ def export(apply_fn: Callable, qtree: Any, *example_args, embed_weights: bool = 
         ``weights = distq.export.flat_weights(qtree)``, the tree's arrays as a flat list (so the
         artefact needs no knowledge of distq's types).
       platforms: lowering platforms (default: the current backend).
+      runtime_options: ``tile_bytes``, ``ordered``, ``gather_rows`` of
+        :func:`distq.quantized_apply`.
 
     Returns:
       A ``jax.export.Exported``; ``.serialize()`` gives bytes, ``jax.export.deserialize(b)
@@ -53,12 +58,12 @@ def export(apply_fn: Callable, qtree: Any, *example_args, embed_weights: bool = 
 
     args = tuple(spec(a) for a in example_args)
     kw = {} if platforms is None else {"platforms": platforms}
+    run = quantized_apply(apply_fn, **runtime_options)
     if embed_weights:
-        fn = jax.jit(lambda *a: apply_fn(dequantize_tree(qtree), *a))
+        fn = jax.jit(lambda *a: run(qtree, *a))
         return jex.export(fn, **kw)(*args)
     leaves, treedef = jax.tree_util.tree_flatten(qtree)
-    fn = jax.jit(lambda w, *a: apply_fn(dequantize_tree(
-        jax.tree_util.tree_unflatten(treedef, w)), *a))
+    fn = jax.jit(lambda w, *a: run(jax.tree_util.tree_unflatten(treedef, w), *a))
     return jex.export(fn, **kw)([spec(x) for x in leaves], *args)
 
 

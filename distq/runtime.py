@@ -178,7 +178,11 @@ def interpreter(options: RuntimeOptions | None = None) -> Interpreter:
     """The :class:`distq._jaxpr.Interpreter` that :func:`quantized_apply` runs (its tracked
     values are quantised leaves)."""
     opts = options or RuntimeOptions()
-    rules = {"dot_general": lambda i, e, v: _dot(opts, i, e, v),
+    # the output of the last product a quantised weight went into: the next weight's decode
+    # waits for it (an output of a matrix product is always materialised, so reading it does
+    # not change how XLA fuses the activations around it)
+    state: dict = {"last": None}
+    rules = {"dot_general": lambda i, e, v: _dot(opts, state, i, e, v),
              "slice": lambda i, e, v: _slice(opts, i, e, v),
              "dynamic_slice": lambda i, e, v: _slice(opts, i, e, v)}
     if opts.gather_rows:
@@ -369,16 +373,25 @@ def _can_slice(q: Any, axis: int) -> bool:
     return hasattr(q, "dequantize_slice") and (axes is None or axis in axes)
 
 
-def _dot(opts: RuntimeOptions, interp: Interpreter, eqn, invals: list) -> list | None:
+def _dot(opts: RuntimeOptions, state: dict, interp: Interpreter, eqn,
+         invals: list) -> list | None:
     """A matrix product with a quantised operand: decode just before, in tiles if large."""
     lhs, rhs = invals
     if isinstance(lhs, Tracked) == isinstance(rhs, Tracked):
         return None  # both quantised (e.g. W^T W): decode both
     side = 0 if isinstance(lhs, Tracked) else 1
     t, x = invals[side], invals[1 - side]
+    anchor = x if state["last"] is None else state["last"]
+    out, state["last"] = _tiled_product(opts, eqn, side, t, x, anchor)
+    return [out]
+
+
+def _tiled_product(opts: RuntimeOptions, eqn, side: int, t: Tracked, x: jax.Array,
+                   anchor: jax.Array):
+    """``(product, last piece computed)`` of ``eqn`` with the quantised operand ``t``."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     contract, batch = (lc, lb) if side == 0 else (rc, rb)
-    (x,), (q,) = _tie(opts, [x], [t.source])
+    _, (q,) = _tie(opts, [anchor], [t.source])
     t = dataclasses.replace(t, source=q)
     dtype, casts = _decode_dtype(t)
 
@@ -391,7 +404,8 @@ def _dot(opts: RuntimeOptions, interp: Interpreter, eqn, invals: list) -> list |
     total = math.prod(t.shape) * itemsize
     if (opts.tile_bytes is None or total <= opts.tile_bytes or not free or batch
             or getattr(q, "batch_shape", ())):
-        return [product(_view(t, q.dequantize(dtype), casts))]
+        out = product(_view(t, q.dequantize(dtype), casts))
+        return out, out
     f = max(free, key=lambda d: t.shape[d])
     length = t.shape[f]
     tile = max(1, min(opts.tile_bytes // max(total // length, 1), length))
@@ -409,14 +423,14 @@ def _dot(opts: RuntimeOptions, interp: Interpreter, eqn, invals: list) -> list |
     aval = eqn.outvars[0].aval
 
     if n_tiles <= _UNROLL:  # straight-line tiles, each decoded after the last product
-        pieces, prev, start = [], x, 0
+        pieces, prev, start = [], None, 0
         while start < length:
             size = min(tile, length - start)
-            (qk,) = _tie(opts, [prev], [q])[1]
+            qk = q if prev is None else _tie(opts, [prev], [q])[1][0]
             w = _view(t, _slice_of(qk, start, size, t.perm[f], dtype, start or size), casts)
             pieces.append(product(w))
             prev, start = pieces[-1], start + size
-        return [lax.concatenate(pieces, pos)]
+        return lax.concatenate(pieces, pos), pieces[-1]
     align = math.gcd(tile, length)  # every start is a multiple of it
 
     def body(i, out):
@@ -424,12 +438,13 @@ def _dot(opts: RuntimeOptions, interp: Interpreter, eqn, invals: list) -> list |
         w = _view(t, _slice_of(q, start, tile, t.perm[f], dtype, align), casts)
         return lax.dynamic_update_slice_in_dim(out, product(w), start, pos)
 
-    # every tile overwrites its part; the initial buffer is computed from ``x`` (its values do
-    # not matter) so that XLA cannot allocate every loop's output at the start
-    seed = jnp.reshape(x, (-1,))[:1].astype(aval.dtype) * jnp.zeros((), aval.dtype)
-    out = jnp.broadcast_to(jnp.reshape(seed, ()), aval.shape) if x.size else jnp.zeros(
-        aval.shape, aval.dtype)
-    return [lax.fori_loop(0, n_tiles, body, out)]
+    # every tile overwrites its part; the initial buffer is computed from ``anchor`` (its values
+    # do not matter) so that XLA cannot allocate every loop's output at the start
+    seed = jnp.reshape(_zero_of([anchor]), ()).astype(aval.dtype) if jnp.issubdtype(
+        aval.dtype, jnp.number) else jnp.zeros((), aval.dtype)
+    out = jnp.broadcast_to(seed, aval.shape)
+    out = lax.fori_loop(0, n_tiles, body, out)
+    return out, out
 
 
 __all__ = ["RuntimeOptions", "decoded_aval", "interpreter", "quantized_apply"]

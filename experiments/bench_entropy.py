@@ -59,7 +59,8 @@ def rates(lines: list[str]) -> None:
              ("int:8", distq.Uniform(bits=8)), ("nf4", distq.NF4()),
              ("pq:256:8", distq.PQ(m=256, bits=8))]
     lines += ["## Stored bits per value (Gaussian 512x2048 weight)", "",
-              "| spec | fixed-rate bits/value | entropy-coded bits/value | codes' entropy bits/code |",
+              "| spec | fixed-rate bits/value | entropy-coded bits/value | "
+              "codes' entropy bits/code |",
               "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         for name, spec in specs:

@@ -75,7 +75,8 @@ def build(folder: str, n_leaves: int, per_shard: int = 6) -> dict:
     wmap = {}
     for j, ids in enumerate(shards):
         name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write(os.path.join(sharded, name), [(f"model.layers.{i}.mlp.weight", leaf(i)) for i in ids])
+        _write(os.path.join(sharded, name),
+               [(f"model.layers.{i}.mlp.weight", leaf(i)) for i in ids])
         wmap.update({f"model.layers.{i}.mlp.weight": name for i in ids})
     with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": n_leaves * ROWS * COLS * 4}, "weight_map": wmap}, f)
@@ -186,7 +187,7 @@ def main() -> None:
                      f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         print("\n" + "\n".join(table))
         os.makedirs(os.path.dirname(OUT), exist_ok=True)
-        with open(OUT, "w") as f:
+        with open(OUT.replace(".md", "_entropy.md") if args.entropy_coded else OUT, "w") as f:
             f.write("# experiments/bench_streaming.py\n\n" + "\n".join(table) + "\n")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -120,6 +120,14 @@ ROWS = [
      True),
     ("calibrated Rotated scalar 3-bit, per input column",
      every_matrix(distq.Rotated(distq.Scalar(bits=3, axis=1, outliers=None))), True),
+    # trellis-coded VQ (default for a weight: input-channel scales, rotated inputs,
+    # output-channel scales); calibrated: LDLQ through the trellis
+    ("VQ(bits=4) (trellis)", every_matrix(distq.VQ(bits=4)), False),
+    ("VQ(bits=3) (trellis)", every_matrix(distq.VQ(bits=3)), False),
+    ("VQ(bits=2) (trellis)", every_matrix(distq.VQ(bits=2)), False),
+    ("calibrated VQ(bits=4) (trellis, LDLQ)", every_matrix(distq.VQ(bits=4)), True),
+    ("calibrated VQ(bits=3) (trellis, LDLQ)", every_matrix(distq.VQ(bits=3)), True),
+    ("calibrated VQ(bits=2) (trellis, LDLQ)", every_matrix(distq.VQ(bits=2)), True),
 ]
 
 

@@ -16,23 +16,7 @@ import distq
 from distq import cli
 from distq.checkpoint import CheckpointError, LazyCheckpoint, SafetensorsFiles, Writer
 
-_CODES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
-
-
-def write_safetensors(path, tensors: dict) -> None:
-    """A plain safetensors file, written by hand (8-byte LE header length, JSON header, data)."""
-    header, chunks, offset = {}, [], 0
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(chunks))
+from test_cli import write_safetensors  # a plain safetensors file, written by hand
 
 
 def _tensors():

@@ -117,11 +117,20 @@ def _df_cumsum(v: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     zero = jnp.zeros((lanes,), v.dtype)
     (th, tl), (hi, lo) = lax.scan(lane_step, (zero, zero), vp.T)  # (steps, lanes)
-    # exclusive prefix of the lane totals (a double-float sum of double-floats: hi part scanned,
-    # the lo parts added in a second double-float pass)
-    oh, ol = _df_cumsum(th)
-    eh, el = _df_cumsum(tl)
-    off = _df_add((oh, ol), (eh, el))
+    # exclusive prefix of the lane totals (a double-float sum of double-floats: one scan of
+    # the pairs when they are few, else hi part scanned, the lo parts added in a second
+    # double-float pass)
+    if lanes <= _LANE_STEPS:
+        def pair_step(c, x):
+            c = _df_add(c, x)
+            return c, c
+
+        z = jnp.zeros((), v.dtype)
+        _, off = lax.scan(pair_step, (z, z), (th, tl))
+    else:
+        oh, ol = _df_cumsum(th)
+        eh, el = _df_cumsum(tl)
+        off = _df_add((oh, ol), (eh, el))
     off = (jnp.concatenate([jnp.zeros((1,), v.dtype), off[0][:-1]]),
            jnp.concatenate([jnp.zeros((1,), v.dtype), off[1][:-1]]))
     hi, lo = _df_add((hi, lo), (off[0][None, :], off[1][None, :]))
@@ -438,11 +447,12 @@ def density_errors(d: Density, t: jax.Array, lv: jax.Array, objective: str) -> j
     return jnp.sum(lc * mb - s1b + (s1 - s1b) - lc * (m - mb))
 
 
-def density_quantile(d: Density, q: jax.Array) -> jax.Array:
-    """The point below which the density has mass ``q`` (in [0, 1])."""
+def density_quantile(d: Density, q: jax.Array, method: str = "scan") -> jax.Array:
+    """The point below which the density has mass ``q`` (in [0, 1]). ``method``: of
+    ``jnp.searchsorted`` ("compare_all" for a few ``q``: no loop to compile)."""
     nb = d.mass.shape[0]
     c = d.hi[0] + d.lo[0]
-    b = jnp.clip(jnp.searchsorted(c, q, side="right", method="scan").astype(jnp.int32) - 1,
+    b = jnp.clip(jnp.searchsorted(c, q, side="right", method=method).astype(jnp.int32) - 1,
                  0, nb - 1)
     m = d.mass[b]
     f = jnp.where(m > 0, jnp.clip((q - c[b]) / jnp.where(m > 0, m, 1.0), 0.0, 1.0), 0.5)
@@ -497,7 +507,8 @@ def lloyd_density(
         # the quartile on the far side of that cell's level, so the next step splits the cell
         empty = (m <= 0) & ~fixed
         big = jnp.argmax(m)
-        q = density_quantile(d, below[big] + jnp.array([0.25, 0.75], dt) * m[big])
+        q = density_quantile(d, below[big] + jnp.array([0.25, 0.75], dt) * m[big],
+                             "compare_all")
         cand = jnp.where(q[1] != new[big], q[1], q[0])
         new = jnp.where(empty.any() & (jnp.arange(n) == jnp.argmax(empty)), cand, new)
         return jnp.sort(new)

@@ -52,6 +52,21 @@ class CastArray(LeafBase):
             raise IndexError(f"row index out of range for {n0} rows")
         return self.value[rows].astype(dtype or self.dtype)
 
+    def dequantize_slice(self, start: Any, size: int, axis: int = 0, dtype: Any = None, *,
+                         align: int = 1) -> jax.Array:
+        """``dequantize(dtype)`` sliced to ``[start, start + size)`` along ``axis`` (``start``
+        may be traced, ``size`` static), converting only the slice.
+
+        Examples:
+          >>> import jax.numpy as jnp, distq
+          >>> c = distq.quantize(jnp.arange(12.0).reshape(3, 4), distq.Cast("bfloat16"))
+          >>> c.dequantize_slice(1, 2, axis=1).tolist()
+          [[1.0, 2.0], [5.0, 6.0], [9.0, 10.0]]
+        """
+        del align
+        return jax.lax.dynamic_slice_in_dim(self.value, start, size, axis).astype(
+            dtype or self.dtype)
+
     def __getitem__(self, idx) -> jax.Array:
         if isinstance(idx, (int, np.integer)):
             return self.take(idx)

@@ -76,7 +76,7 @@ import struct
 import numpy as np
 
 __all__ = ["encode", "decode", "encode_words", "decode_words", "empirical_entropy",
-           "symbols_from_words", "words_from_symbols", "coded_size_bound"]
+           "symbols_from_words", "words_from_symbols", "iter_codes", "coded_size_bound"]
 
 MAGIC = b"rANS"
 VERSION = 1
@@ -89,9 +89,9 @@ _MAX_LANES = 16384
 _CHUNK_WORDS = 1 << 20  # words unpacked/packed at once (bounded temporaries)
 
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+def _check_bits(bits, hi: int = 16) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= hi:
+        raise ValueError(f"bits must be an int in 1..{hi}, got {bits!r}")
     return int(bits)
 
 
@@ -344,37 +344,57 @@ def symbols_from_words(words, bits: int, count: int) -> np.ndarray:
       >>> w.shape, symbols_from_words(w, 3, 10).tolist()
       ((1,), [0, 1, 2, 3, 4, 5, 6, 7, 0, 1])
     """
-    bits, count = _check_bits(bits), _check_count(count)
+    out = np.empty(_check_count(count), np.uint8 if _check_bits(bits) <= 8 else np.uint16)
+    pos = 0
+    for chunk in iter_codes(words, bits, count):
+        out[pos:pos + chunk.size] = chunk
+        pos += chunk.size
+    return out
+
+
+def iter_codes(words, bits: int, count: int, chunk: int = _CHUNK_WORDS):
+    """The first ``count`` codes of a dense ``bits``-wide stream (as
+    :func:`symbols_from_words`; any width 1..32), in order, in arrays of about ``chunk`` codes:
+    bounded memory for any stream.
+
+    Examples:
+      >>> import numpy as np
+      >>> w = words_from_symbols(np.arange(100) % 32, bits=5)
+      >>> [int(c.max()) for c in iter_codes(w, 5, 100, chunk=40)]
+      [31, 31, 31, 3]
+    """
+    bits, count = _check_bits(bits, 32), _check_count(count)
     w = np.ascontiguousarray(words, dtype=np.uint32).reshape(-1)
     if count * bits > 32 * w.size:
         raise ValueError(f"{w.size} words hold fewer than {count} codes of {bits} bits")
-    dtype = np.uint8 if bits <= 8 else np.uint16
+    dtype = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
     per, q = _period(bits)
     full, rest = divmod(count, per)
-    out = np.empty(count, dtype)
-    _unpack_periods(w[:full * q].reshape(full, q), bits, out[:full * per].reshape(full, per))
-    if rest:  # a partial last period: from a zero-padded copy of its (< 16) words
+    rows = w[:full * q].reshape(full, q)
+    step = max(1, chunk // per)
+    for r0 in range(0, full, step):
+        out = np.empty((min(step, full - r0), per), dtype)
+        _unpack_periods(rows[r0:r0 + step], bits, out)
+        yield out.reshape(-1)
+    if rest:  # a partial last period: from a zero-padded copy of its (< 32) words
         tail = np.zeros((1, q), np.uint32)
         got = w[full * q:full * q + q]
         tail[0, :got.size] = got
         one = np.empty((1, per), dtype)
         _unpack_periods(tail, bits, one)
-        out[full * per:] = one[0, :rest]
-    return out
+        yield one[0, :rest]
 
 
 def _unpack_periods(rows: np.ndarray, bits: int, out: np.ndarray) -> None:
-    per, q = _period(bits)
+    """Codes of whole periods: ``rows`` ``(G, Q)`` words -> ``out`` ``(G, P)`` codes."""
+    per, _ = _period(bits)
     mask = np.uint32((1 << bits) - 1)
-    step = max(1, _CHUNK_WORDS // q)
-    for r0 in range(0, rows.shape[0], step):
-        blk = rows[r0:r0 + step]
-        for j in range(per):
-            wi, sh = divmod(j * bits, 32)
-            v = blk[:, wi] >> np.uint32(sh)
-            if sh + bits > 32:
-                v = v | (blk[:, wi + 1] << np.uint32(32 - sh))
-            out[r0:r0 + step, j] = v & mask
+    for j in range(per):
+        wi, sh = divmod(j * bits, 32)
+        v = rows[:, wi] >> np.uint32(sh)
+        if sh + bits > 32:
+            v = v | (rows[:, wi + 1] << np.uint32(32 - sh))
+        out[:, j] = v & mask
 
 
 def _pack_periods(rows: np.ndarray, bits: int, out: np.ndarray) -> None:

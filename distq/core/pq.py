@@ -42,6 +42,7 @@ from typing import ClassVar
 
 from . import spec as _spec
 from .leaf import LeafBase, leaf_from_state
+from .qarray import unpack_block, unpack_words
 from .specs import PQ
 
 
@@ -244,7 +245,7 @@ class PQArray(LeafBase):
     def codes_unpacked(self) -> jax.Array:
         """All codes as an ``(N, m)`` int32 array."""
         n = self.value_shape[0]
-        c = bitpack.unpack(self.codes, self.bits, n * self.m)
+        c = unpack_words(self.codes, self.bits, n * self.m)
         return c.reshape(n, self.m).astype(jnp.int32)
 
     def row_codes(self, rows: Any) -> jax.Array:
@@ -262,6 +263,43 @@ class PQArray(LeafBase):
                 fn = jax.vmap(fn)
             return fn(self)
         rows = decode_codes(self.codes_unpacked(), self.codebooks, self.rotation)
+        return rows.astype(dtype or _output_dtype(self.dtype))
+
+    #: axes along which :meth:`dequantize_slice` decodes only the slice
+    slice_axes: ClassVar[tuple[int, ...]] = (0,)
+
+    def dequantize_slice(self, start: Any, size: int, axis: int = 0, dtype: Any = None, *,
+                         align: int = 1) -> jax.Array:
+        """``dequantize(dtype)`` sliced to ``[start, start + size)`` along ``axis``.
+
+        Along the rows (``axis=0``) only those rows' codes are read (``start`` may be traced,
+        ``size`` static; ``align``: ``start`` is a multiple of it); along the columns the
+        matrix is decoded and sliced.
+
+        Examples:
+          >>> import jax, distq
+          >>> x = jax.random.normal(jax.random.key(0), (512, 32))
+          >>> q = distq.pq.quantize(jax.random.key(1), x, distq.PQ(m=4, bits=8))
+          >>> bool((q.dequantize_slice(100, 16) == q.dequantize()[100:116]).all())
+          True
+        """
+        if self.batch_shape:
+            raise ValueError("dequantize_slice() reads one matrix; index the batch first (q[i])")
+        if isinstance(axis, bool) or axis not in (0, 1, -1, -2):
+            raise ValueError(f"axis must be 0 or 1 for a matrix, got {axis!r}")
+        axis %= 2
+        n = self.value_shape[axis]
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (
+                1 <= size <= n):
+            raise ValueError(f"size must be an int in 1..{n}, got {size!r}")
+        start = jnp.clip(jnp.asarray(start).astype(jnp.int32), 0, n - int(size))
+        if axis == 1:
+            return lax.dynamic_slice_in_dim(self.dequantize(dtype), start, int(size), axis=1)
+        unit = math.gcd(int(align), int(size)) * self.m
+        codes = unpack_block(self.codes, self.bits, 1, n * self.m, start * self.m,
+                             int(size) * self.m, unit)
+        rows = decode_codes(codes.reshape(int(size), self.m).astype(jnp.int32), self.codebooks,
+                            self.rotation)
         return rows.astype(dtype or _output_dtype(self.dtype))
 
     def take(self, rows: Any, dtype: Any = None) -> jax.Array:

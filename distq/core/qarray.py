@@ -319,27 +319,7 @@ class QArray(LeafBase):
 
     def _block_codes(self, a_rows: int, row_len: int, s0: jax.Array, count: int,
                      unit: int) -> jax.Array:
-        """Codes ``(a_rows, count)``: row ``r`` holds flat positions ``r * row_len + s0 + i``
-        (``s0`` and ``count`` are multiples of ``unit``)."""
-        bits = self.bits
-        rows_aligned = a_rows == 1 or (row_len * bits) % 32 == 0
-        if (unit * bits) % 32 == 0 and rows_aligned:  # the slice is whole words
-            row_words = row_len * bits // 32
-            w = self.codes[:a_rows * row_words].reshape(a_rows, row_words)
-            w = lax.dynamic_slice_in_dim(w, s0 * bits // 32, count * bits // 32, axis=1)
-            return unpack_words(w.reshape(-1), bits, a_rows * count).reshape(a_rows, count)
-        if 32 % bits == 0 and rows_aligned:  # whole words around it, then a shift
-            per = 32 // bits
-            row_words = -(-row_len // per)
-            w = self.codes[:a_rows * row_words].reshape(a_rows, row_words)
-            nw = min(-(-count // per) + 1, row_words)
-            w0 = jnp.clip(s0 // per, 0, row_words - nw)
-            w = lax.dynamic_slice_in_dim(w, w0, nw, axis=1)
-            c = unpack_words(w.reshape(-1), bits, a_rows * nw * per).reshape(a_rows, nw * per)
-            return lax.dynamic_slice_in_dim(c, s0 - w0 * per, count, axis=1)
-        pos = (jnp.arange(a_rows, dtype=jnp.int32)[:, None] * row_len + s0
-               + jnp.arange(count, dtype=jnp.int32)[None, :])
-        return bitpack.take(self.codes, bits, pos).astype(jnp.uint32)
+        return unpack_block(self.codes, self.bits, a_rows, row_len, s0, count, unit)
 
     def _block_groups(self, a_rows: int, row_len: int, s0: jax.Array, count: int,
                       inner: int):
@@ -631,6 +611,43 @@ def unpack_words(words: jax.Array, bits: int, n: int) -> jax.Array:
     codes = (words[:, None] >> shifts[None, :]) & jnp.uint32((1 << bits) - 1)
     codes = codes.reshape(-1)
     return codes if codes.shape[0] == n else codes[:n]
+
+
+def unpack_block(words: jax.Array, bits: int, a_rows: int, row_len: int, s0: Any,
+                 count: int, unit: int = 1) -> jax.Array:
+    """Codes ``(a_rows, count)`` of a :func:`distq.bitpack.pack` stream viewed as ``a_rows``
+    rows of ``row_len`` codes: row ``r`` gets positions ``r * row_len + s0 + i``, ``i <
+    count``. ``s0`` may be traced; ``count`` and ``unit`` (``s0`` and ``count`` are multiples
+    of it) are static.
+
+    The words that hold the block are cut out (whole words when ``unit`` says so, else the
+    words around it and a shift); only widths that do not divide 32 with unaligned blocks
+    read codes one by one.
+
+    Examples:
+      >>> import numpy as np, distq
+      >>> w = distq.bitpack.pack(np.arange(48, dtype=np.uint8) % 16, 4)  # 3 rows of 16
+      >>> unpack_block(w, 4, 3, 16, 5, 4).tolist()
+      [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]]
+    """
+    rows_aligned = a_rows == 1 or (row_len * bits) % 32 == 0
+    if (unit * bits) % 32 == 0 and rows_aligned:  # the block is whole words
+        row_words = row_len * bits // 32
+        w = words[:a_rows * row_words].reshape(a_rows, row_words)
+        w = lax.dynamic_slice_in_dim(w, s0 * bits // 32, count * bits // 32, axis=1)
+        return unpack_words(w.reshape(-1), bits, a_rows * count).reshape(a_rows, count)
+    if 32 % bits == 0 and rows_aligned:  # whole words around it, then a shift
+        per = 32 // bits
+        row_words = -(-row_len // per)
+        w = words[:a_rows * row_words].reshape(a_rows, row_words)
+        nw = min(-(-count // per) + 1, row_words)
+        w0 = jnp.clip(s0 // per, 0, row_words - nw)
+        w = lax.dynamic_slice_in_dim(w, w0, nw, axis=1)
+        c = unpack_words(w.reshape(-1), bits, a_rows * nw * per).reshape(a_rows, nw * per)
+        return lax.dynamic_slice_in_dim(c, s0 - w0 * per, count, axis=1)
+    pos = (jnp.arange(a_rows, dtype=jnp.int32)[:, None] * row_len + s0
+           + jnp.arange(count, dtype=jnp.int32)[None, :])
+    return bitpack.take(words, bits, pos).astype(jnp.uint32)
 
 
 def lookup_levels(levels: jax.Array, codes: jax.Array, method: str | None = None) -> jax.Array:

@@ -377,8 +377,7 @@ def _fit_hist(hists: dict, shifts: dict, spec: Scalar, n: int):
     def search(d, T, L, betas, offs, muls):
         cands = S.Candidates.from_tables(n, "nearest", T, L, betas, offs, muls)
         if spec.beta is None:
-            err, row, col = S.grid_search(d, cands, spec.objective)
-            b, e = S.zoom_search(d, cands, spec.objective, row, col, best_e=err[row, col])
+            row, b, e = S.grid_zoom_search(d, cands, spec.objective)
         else:
             rows = jnp.arange(width)
             bs = jnp.full((width,), spec.beta, jnp.float32)
@@ -497,12 +496,13 @@ def _masked_moments(unit, finite: jax.Array, length: int, lean: bool = False):
     others (``n_bad`` per row), whose share of the squared deviations (``mean**2`` each) is
     taken out. ``lean``: see :func:`_row_sums`."""
     s1, n_bad = _row_sums(unit(), jnp.where(finite, 0.0, 1.0), lean)
-    cnt = jnp.float32(length) - n_bad
-    mean = s1 / jnp.maximum(cnt, 1.0)
+    mean = s1 / jnp.maximum(length - n_bad, 1.0)
     dev = unit() - mean[:, None]
     ddof = 1.0 if length > 1 else 0.0
-    ss = jnp.maximum(_row_sums(dev * dev, jnp.where(finite, 1.0, 0.0), lean)[0]
-                     - n_bad * mean * mean, 0.0)
+    # (both sums of each reduction are used: XLA would otherwise drop one and hand the other
+    # to the library kernel)
+    ss, cnt = _row_sums(dev * dev, jnp.where(finite, 1.0, 0.0), lean)
+    ss = jnp.maximum(ss - (length - cnt) * mean * mean, 0.0)
     return mean, jnp.sqrt(ss / jnp.maximum(cnt - ddof, 1.0))
 
 
@@ -689,16 +689,16 @@ _TOPK_MAX = 1 << 16  # tensors up to this size take lax.top_k directly
 
 
 def _outliers(rows, ku, centre_u, safe_u, k):
-    """Flat positions (ascending) of the ``k`` values farthest from their group's centre in
-    standardised units, ties to the lower position (``lax.top_k``'s set; values that are not
-    finite rank last).
+    """Flat positions of the ``k`` values farthest from their group's centre in standardised
+    units, farthest first, ties to the lower position: ``lax.top_k``'s answer (values that
+    are not finite rank last).
 
-    Beyond ``2**16`` values ``lax.top_k`` is slow on XLA:CPU (a partial sort of the whole
-    tensor, and it gathers a sharded one), so: a threshold with between ``k`` and ``1.5 k``
-    values at or above it is found by counting (first guess from a histogram of a strided
-    sample; each try one pass over the values, an all-reduce of its count when sharded),
-    those values' positions are read off a bit mask of the tensor (one bit a value), and
-    the ``k`` largest among them are found by counting again, on them alone.
+    Beyond ``2**16`` values ``lax.top_k`` over the tensor is slow on XLA:CPU (a partial sort
+    of everything; sharded, it gathers the tensor), so a threshold with between ``k`` and
+    ``1.5 k`` values at or above it is found by counting (first guess from a histogram of a
+    strided sample; each try one pass over the values, an all-reduce of its count when
+    sharded), those values' positions are read off a bit mask of the tensor (one bit a
+    value), and ``lax.top_k`` ranks only them.
     """
     g, length = rows.shape
     n = g * length
@@ -710,8 +710,8 @@ def _outliers(rows, ku, centre_u, safe_u, k):
     def key(d):  # the same order as int32 (d >= 0 or -1)
         return jnp.where(d >= 0, jax.lax.bitcast_convert_type(d, jnp.int32), -1)
 
-    if n <= _TOPK_MAX:  # (lax.top_k is ~30x slower on int32 than on float32 here)
-        return jnp.sort(jax.lax.top_k(dev(rows), k)[1])
+    if n <= _TOPK_MAX:
+        return jax.lax.top_k(dev(rows), k)[1]
     cap = k + max(k // 2, 1024)
     # first guess: the lower edge of the bin where a sample's upper tail reaches ~1.25 k
     size = _TOPK_MAX
@@ -726,7 +726,7 @@ def _outliers(rows, ku, centre_u, safe_u, k):
 
     def count(t, v):
         words = _bit_words(key(dev(v)) >= t)
-        return words, jnp.sum(jax.lax.population_count(words).astype(jnp.int32))
+        return words, _popcount(words)
 
     def off(c):
         return (c < k) | (c > cap)
@@ -751,61 +751,25 @@ def _outliers(rows, ku, centre_u, safe_u, k):
     lo, hi, _, words, c = jax.lax.while_loop(
         cond, body, (jnp.int32(-1), jnp.int32(_INF_BITS + 1), t0, words, c0))
 
-    def pick(words):  # the k largest of the (k to cap) values words marks
-        pos = _set_bits(words, cap, n)
-        ok = pos < n
-        uv, fin, r = _gather_unit(rows, ku, jnp.where(ok, pos, 0))
-        d = jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0)
-        kc = jnp.where(ok, key(d), -2)  # (-2: an empty slot)
-        t = _kth_largest(kc, k)
-        gt, eq = kc > t, kc == t
-        sel = gt | (eq & (jnp.cumsum(eq.astype(jnp.int32)) <= k - jnp.sum(gt)))
-        slot = jnp.where(sel, jnp.cumsum(sel.astype(jnp.int32)) - 1, k)
-        return jnp.zeros((k,), jnp.int32).at[slot].set(pos, mode="drop")
+    def tie_words():
+        # more than cap values share the key lo (just below hi): the values above it (fewer
+        # than k), and the first of the tied ones in position order, up to k in all
+        above = _bit_words(key(dev(_fresh(rows, ku, 101))) >= hi)
+        tied = _bit_words(key(dev(_fresh(rows, ku, 102))) == lo)
+        end = _set_bits(tied, 1, k - _popcount(above))[0] + 1  # (after the last one taken)
+        j = jnp.arange(tied.shape[0], dtype=jnp.int32)
+        low = (jnp.uint32(1) << (end % 32).astype(jnp.uint32)) - 1
+        keep = jnp.where(j < end // 32, jnp.uint32(0xFFFFFFFF),
+                         jnp.where(j == end // 32, low, jnp.uint32(0)))
+        return above | (tied & keep)
 
-    def ties():  # more than cap values share the key lo: all above it (fewer than k), then
-        # the first of the tied ones in position order
-        keys = key(dev(_fresh(rows, ku, 102)))
-        above = _set_bits(_bit_words(keys >= hi), k, n)
-        tied = _set_bits(_bit_words(keys == lo), k, n)
-        first = jnp.sum(above < n)
-        take = jnp.where(jnp.arange(k) < first, above,
-                         tied[jnp.clip(jnp.arange(k) - first, 0, k - 1)])
-        return jnp.sort(take)
-
-    return jax.lax.cond(off(c), ties, lambda: pick(words))
-
-
-def _cumsum(c: jax.Array, blocks: int = 64) -> jax.Array:
-    """Inclusive cumulative sum of a 1-D int32 array as sums within ``blocks`` contiguous
-    blocks plus the blocks' offsets: blocks held by different shards of a sharded array are
-    summed where they are (XLA gathers the whole array for a plain cumulative sum)."""
-    m = c.shape[0]
-    if m % blocks or m < 4 * blocks:
-        return jnp.cumsum(c)
-    inner = jnp.cumsum(c.reshape(blocks, m // blocks), axis=1)
-    tot = inner[:, -1]
-    return (inner + (jnp.cumsum(tot) - tot)[:, None]).reshape(m)
-
-
-def _kth_largest(v: jax.Array, k: int) -> jax.Array:
-    """The ``k``-th largest of int32 ``v`` (``k <= len(v)``), by bisection on counts."""
-    lo0 = jnp.min(v)  # count(>= lo) >= k; count(>= hi) < k
-    hi0 = jnp.max(v)
-
-    def cond(st):
-        lo, hi = st
-        return hi - lo > 1
-
-    def body(st):
-        lo, hi = st
-        mid = lo + (hi - lo) // 2
-        big = jnp.sum((v >= mid).astype(jnp.int32)) >= k
-        return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
-
-    enough_top = jnp.sum((v >= hi0).astype(jnp.int32)) >= k
-    lo, _ = jax.lax.while_loop(cond, body, (lo0, hi0))
-    return jnp.where(enough_top, hi0, lo)
+    words = jax.lax.cond(off(c), tie_words, lambda: words)
+    pos = _set_bits(words, cap)
+    uv, fin, r = _gather_unit(rows, ku, pos)
+    d = jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0)
+    filled = _popcount(words)
+    d = jnp.where(jnp.arange(cap) < filled, d, -jnp.inf)
+    return pos[jax.lax.top_k(d, k)[1]]
 
 
 def _bit_words(mask: jax.Array) -> jax.Array:
@@ -821,21 +785,31 @@ def _bit_words(mask: jax.Array) -> jax.Array:
     return words
 
 
-def _set_bits(words: jax.Array, cap: int, n: int) -> jax.Array:
-    """Positions of the first ``cap`` set bits of ``words`` (see :func:`_bit_words`), in
-    order; ``n`` where there are fewer."""
+def _popcount(words: jax.Array) -> jax.Array:
+    """The number of set bits in ``words``."""
+    return jnp.sum(jax.lax.population_count(words).astype(jnp.int32))
+
+
+def _set_bits(words: jax.Array, cap: int, first=0) -> jax.Array:
+    """Positions of the set bits number ``first`` to ``first + cap - 1`` (from 0) of
+    ``words`` (see :func:`_bit_words`), in order (where there are fewer, the rest is
+    meaningless: callers count the set bits)."""
     cnt = jax.lax.population_count(words).astype(jnp.int32)
-    incl = _cumsum(cnt)
-    s = jnp.arange(cap, dtype=jnp.int32)
-    j = jnp.minimum(jnp.searchsorted(incl, s, side="right", method="scan").astype(jnp.int32),
-                    words.shape[0] - 1)
+    incl = jnp.cumsum(cnt)
+    s = jnp.arange(cap, dtype=jnp.int32) + first
+    if cap == 1:
+        j = jnp.sum((incl <= s[0]).astype(jnp.int32))[None]
+    else:  # the word of the s-th set bit: how many words end at or before s (no search)
+        ends = jnp.zeros((cap,), jnp.int32).at[incl - first].add(1, mode="drop")
+        j = jnp.cumsum(ends)
+    j = jnp.minimum(j, words.shape[0] - 1)
     r = s - (incl[j] - cnt[j])  # the bit wanted is the r-th set bit of word j
     w = words[j]
     bit = jnp.zeros((cap,), jnp.uint32)
     for step in (16, 8, 4, 2, 1):  # the largest bit position with at most r set bits below
         below = jax.lax.population_count(w & ((jnp.uint32(1) << (bit + step)) - 1))
         bit = jnp.where(below.astype(jnp.int32) <= r, bit + step, bit)
-    return jnp.where(s < incl[-1], j * 32 + bit.astype(jnp.int32), n)
+    return j * 32 + bit.astype(jnp.int32)
 
 
 def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):

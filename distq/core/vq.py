@@ -140,8 +140,8 @@ def _viterbi(x: jax.Array, table: jax.Array, z: jax.Array, L: int, k: int) -> ja
 
 
 def _lanes(L: int, n: int) -> int:
-    """Blocks searched together: the cost array (``2**L`` float32 per lane) near 256 KiB."""
-    return max(1, min(n, max(8, (1 << 16) >> L)))
+    """Blocks searched together: the cost array (``2**L`` float32 per lane) near 512 KiB."""
+    return max(1, min(n, max(8, (1 << 17) >> L)))
 
 
 def _encode_blocks(x: jax.Array, table: jax.Array, L: int, k: int) -> jax.Array:
@@ -610,7 +610,7 @@ def _hinv_upper(h: jax.Array, damp: float) -> jax.Array:
     return jnp.linalg.cholesky(hinv).T
 
 
-def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int):
+def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
     geo = geometry(x.shape, spec)
     n, cols = geo.n_in, geo.cols
     L, k = spec.L, spec.bits
@@ -626,7 +626,7 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int):
     per_channel = spec.scales == "channel"
     s0 = _rms(z, per_channel)
     u_fac = _hinv_upper(hr.astype(jnp.float32), damp)
-    row_geo = geo._replace(n_in=1, rows=1)
+    group_geo = geo._replace(n_in=group, rows=group)
     table = jnp.asarray(code_table(L))
     nblk = -(-n // block)
     pad = nblk * block - n
@@ -639,19 +639,24 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int):
         wb = jax.lax.dynamic_slice(w, (start, 0), (block, cols))
         ub = jax.lax.dynamic_slice(u_fac, (start, start), (block, block))
 
-        def row_step(wb, j):
-            target = wb[j]
-            sym = encode((target / s0).reshape(1, cols), row_geo, L, k)
-            q = table[states(sym, row_geo, L, k)][0] * s0
-            err = (target - q) / ub[j, j]
-            later = jnp.where(jnp.arange(block) > j, ub[j], 0.0)
-            return wb - later[:, None] * err[None, :], (sym[0], err)
+        def group_step(wb, j):  # inputs j .. j + group - 1, coded together
+            target = jax.lax.dynamic_slice(wb, (j, 0), (group, cols))
+            sym = encode(target / s0[None, :], group_geo, L, k)
+            resid = target - table[states(sym, group_geo, L, k)] * s0[None, :]
+            # their error seen through the factor: E = U_gg^-T (W_g - Q_g) (GPTQ's err / U_jj)
+            err = jax.scipy.linalg.solve_triangular(
+                jax.lax.dynamic_slice(ub, (j, j), (group, group)), resid, trans=1, lower=False)
+            rows = jax.lax.dynamic_slice(ub, (j, 0), (group, block))
+            later = jnp.where(jnp.arange(block)[None, :] >= j + group, rows, 0.0)
+            wb = wb - jnp.matmul(later.T, err, precision=jax.lax.Precision.HIGHEST)
+            return wb, (sym, err)
 
-        _, (sym, errs) = jax.lax.scan(row_step, wb, jnp.arange(block))
+        _, (sym, errs) = jax.lax.scan(group_step, wb, jnp.arange(0, block, group))
         ur = jax.lax.dynamic_slice(u_fac, (start, 0), (block, u_fac.shape[1]))
         after = jnp.arange(u_fac.shape[1]) >= start + block
-        w = w - jnp.where(after[None, :], ur, 0.0).T @ errs
-        return w, sym
+        w = w - jnp.matmul(jnp.where(after[None, :], ur, 0.0).T, errs.reshape(block, cols),
+                           precision=jax.lax.Precision.HIGHEST)
+        return w, sym.reshape(block, cols)
 
     _, sym = jax.lax.scan(block_step, w, jnp.arange(nblk))
     symbols = sym.reshape(nblk * block, cols)[:n]
@@ -663,11 +668,11 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int):
     return _finish(x.shape, str(x.dtype), spec, symbols, s, prep, seed)
 
 
-_ldlq_jit = jax.jit(_ldlq_impl, static_argnums=(2, 3, 5))
+_ldlq_jit = jax.jit(_ldlq_impl, static_argnums=(2, 3, 5, 6))
 
 
 def quantize_ldlq(x: Any, spec: VQ, h: Any, axis: int, *, damp: float = 0.01,
-                  key: jax.Array | None = None, block: int = 128) -> VQArray:
+                  key: jax.Array | None = None, block: int = 128, group: int = 1) -> VQArray:
     """Trellis codes of matrix ``x`` that minimise the error of its product with the inputs
     summarised by the Gram matrix ``h = X^T X`` (over ``x``'s ``axis``, the contracted one).
 
@@ -684,6 +689,9 @@ def quantize_ldlq(x: Any, spec: VQ, h: Any, axis: int, *, damp: float = 0.01,
       spec: a :class:`distq.VQ` (its ``input_axis`` is taken from ``axis``).
       damp: added to ``H``'s diagonal as a fraction of its mean diagonal.
       key: draws the rotation's seed; block: inputs per block of deferred updates.
+      group: inputs coded together (their trellis searches run side by side); the error
+        feedback between them goes through the block form of the factor instead of one input
+        at a time (faster, slightly less exact).
 
     Examples:
       >>> import jax, distq
@@ -720,7 +728,9 @@ def quantize_ldlq(x: Any, spec: VQ, h: Any, axis: int, *, damp: float = 0.01,
     if geo.rows != geo.n_in:  # rows too short for a block: the trellis spans inputs
         return quantize(x, spec, key)
     dtype = _checks.dtype_name(x)
-    q = _ldlq_jit(x.astype(jnp.float32), h, spec, float(damp), key, int(min(block, n)))
+    group = _checks.check_int(group, "group", 1, 64)
+    block = group * -(-min(_checks.check_int(block, "block", 1), n) // group)
+    q = _ldlq_jit(x.astype(jnp.float32), h, spec, float(damp), key, block, group)
     if _checks.is_concrete(q.scale):
         _check_scales(q, spec)
     return q if q.dtype == dtype else dataclasses.replace(q, dtype=dtype)
