@@ -789,10 +789,17 @@ def _totals(rows: list[dict]) -> dict:
                 r.get("stored_bytes", r["bytes_after"]) or 0 for r in qrows) / max(qsize, 1)}
 
 
+def _multihost_module():
+    from . import multihost  # noqa: PLC0415  (imports JAX: only once a command needs it)
+
+    return multihost
+
+
 def cmd_info(args) -> int:
     """``distq info``: see ``distq info --help``."""
-    _check_input(args.ckpt)
-    kind = _sniff(args.ckpt)
+    spread = os.path.isdir(args.ckpt) and _multihost_module().is_checkpoint(args.ckpt)
+    _check_input(args.ckpt, folder_ok=spread)  # a multi-process (orbax) checkpoint: a folder
+    kind = "distq" if spread else _sniff(args.ckpt)
     if kind == "other":
         raise CliError(f"{args.ckpt}: not a distq checkpoint or safetensors file")
     checkpoint = _checkpoint_module()
@@ -880,8 +887,9 @@ names: safetensors files (Hugging Face) use the dotted tensor names
   position_ids) are always kept. Every leaf is checked against its spec before any work;
   --dry-run shows each leaf's rule, resolved spec and bytes.
 
-bits/val in the reports is the stored bits per value: fixed-rate codes plus scales, codebooks
-and outliers.
+bits/val in the reports is the bits per value at fixed rate: packed codes plus scales,
+codebooks and outliers; for a file written with --entropy-coded, distq info adds the bytes and
+bits per value as stored (codes entropy-coded).
 
 example:
   distq quantize model.safetensors model.distq \\

@@ -141,7 +141,7 @@ def _mutate_header(blob: bytes, data: st.DataObject) -> bytes:
         if data.draw(_MOSTLY, label="re-sign"):
             index = {k: v for k, v in header.items() if k != "__metadata__"}
             meta.pop("sha256", None)
-            version = meta.get("version") if meta.get("version") == "1" else "2"
+            version = meta.get("version") if meta.get("version") in ("1", "2") else "3"
             try:
                 meta["sha256"] = distq.checkpoint._digest(index, meta, [body], version)
             except (TypeError, ValueError, AttributeError, UnicodeError):

@@ -519,7 +519,7 @@ def test_unexpected_errors_are_one_line(monkeypatch, readme_case, tmp_path, caps
     def boom(*args, **kwargs):
         raise RuntimeError("something broke\n  on two lines")
 
-    monkeypatch.setattr(distq, "quantize_tree", boom)
+    monkeypatch.setattr(distq, "quantize", boom)
     argv = ["quantize", readme_case, str(tmp_path / "o.distq"), "--rule", ".*=cast:bf16"]
     monkeypatch.delenv("DISTQ_TRACEBACK", raising=False)
     rc, _, err = run(capsys, *argv)

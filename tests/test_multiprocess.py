@@ -296,3 +296,21 @@ def test_corrupt_directories_raise_checkpoint_errors(tmp_path):
         distq.load(p)
     time.sleep(0.5)  # let orbax's abandoned reads report here, under this test's filter
     gc.collect()
+
+
+def test_cli_info_describes_an_orbax_checkpoint(tmp_path, capsys):
+    from distq import cli  # noqa: PLC0415
+
+    x = np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)
+    tree, _ = distq.quantize_tree({"w": x}, [(".*", distq.Uniform(bits=4))])
+    path = tmp_path / "ckpt"
+    distq.save(path, tree, layout="orbax")
+    assert cli.main(["info", "--json", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["leaves"]
+    assert row["path"] == "w" and row["shape"] == [64, 32]
+    assert row["bytes_after"] == tree["w"].nbytes
+    # a folder that is not a checkpoint is still refused clearly
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["info", str(tmp_path / "empty")]) != 0
+    assert "is a directory" in capsys.readouterr().err

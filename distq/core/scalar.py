@@ -494,11 +494,17 @@ def _masked_moments(unit, finite: jax.Array, length: int, lean: bool = False):
     """Mean and standard deviation per row over the finite values only (sample std, ddof 1,
     for rows of more than one value); ``unit()`` gives the values in unit space, 0 for the
     others (``n_bad`` per row), whose share of the squared deviations (``mean**2`` each) is
-    taken out. ``lean``: see :func:`_row_sums`."""
+    taken out. ``lean`` (under a caller's trace): see :func:`_row_sums`; otherwise the input
+    is known to be finite (outside a trace anything else is refused) and nothing is counted."""
+    ddof = 1.0 if length > 1 else 0.0
+    if not lean:
+        mean = jnp.sum(unit(), axis=1) / jnp.float32(length)
+        dev = unit() - mean[:, None]
+        ss = jnp.sum(dev * dev, axis=1)
+        return mean, jnp.sqrt(ss / jnp.float32(max(length - ddof, 1.0)))
     s1, n_bad = _row_sums(unit(), jnp.where(finite, 0.0, 1.0), lean)
     mean = s1 / jnp.maximum(length - n_bad, 1.0)
     dev = unit() - mean[:, None]
-    ddof = 1.0 if length > 1 else 0.0
     # (both sums of each reduction are used: XLA would otherwise drop one and hand the other
     # to the library kernel)
     ss, cnt = _row_sums(dev * dev, jnp.where(finite, 1.0, 0.0), lean)
@@ -596,7 +602,7 @@ def _use_hist(spec: Scalar) -> bool:
 
 
 _HIST_MAX_LEVELS = 64
-_HIST_SAMPLE = 1 << 20  # values binned at most (a strided sample of bigger tensors)
+_HIST_SAMPLE = 1 << 18  # values binned at most (a strided sample of bigger tensors)
 _HIST_WEIGHT = 2047  # largest integer weight of a value: 2047 * 2**20 sums within int32
 
 
@@ -689,16 +695,16 @@ _TOPK_MAX = 1 << 16  # tensors up to this size take lax.top_k directly
 
 
 def _outliers(rows, ku, centre_u, safe_u, k):
-    """Flat positions of the ``k`` values farthest from their group's centre in standardised
-    units, farthest first, ties to the lower position: ``lax.top_k``'s answer (values that
-    are not finite rank last).
+    """Flat positions (ascending) of the ``k`` values farthest from their group's centre in
+    standardised units, ties to the lower position: ``lax.top_k``'s set (values that are not
+    finite rank last).
 
     Beyond ``2**16`` values ``lax.top_k`` over the tensor is slow on XLA:CPU (a partial sort
     of everything; sharded, it gathers the tensor), so a threshold with between ``k`` and
     ``1.5 k`` values at or above it is found by counting (first guess from a histogram of a
     strided sample; each try one pass over the values, an all-reduce of its count when
     sharded), those values' positions are read off a bit mask of the tensor (one bit a
-    value), and ``lax.top_k`` ranks only them.
+    value), and the ``k`` largest among them are found by counting again, on them alone.
     """
     g, length = rows.shape
     n = g * length
@@ -711,7 +717,7 @@ def _outliers(rows, ku, centre_u, safe_u, k):
         return jnp.where(d >= 0, jax.lax.bitcast_convert_type(d, jnp.int32), -1)
 
     if n <= _TOPK_MAX:
-        return jax.lax.top_k(dev(rows), k)[1]
+        return jnp.sort(jax.lax.top_k(dev(rows), k)[1])
     cap = k + max(k // 2, 1024)
     # first guess: the lower edge of the bin where a sample's upper tail reaches ~1.25 k
     size = _TOPK_MAX
@@ -765,11 +771,16 @@ def _outliers(rows, ku, centre_u, safe_u, k):
 
     words = jax.lax.cond(off(c), tie_words, lambda: words)
     pos = _set_bits(words, cap)
+    # the k largest of the (k to cap) candidates, ties to the lower position, by counting
+    # once more (lax.top_k of them costs more than everything above)
     uv, fin, r = _gather_unit(rows, ku, pos)
-    d = jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0)
-    filled = _popcount(words)
-    d = jnp.where(jnp.arange(cap) < filled, d, -jnp.inf)
-    return pos[jax.lax.top_k(d, k)[1]]
+    kc = key(jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0))
+    kc = jnp.where(jnp.arange(cap) < _popcount(words), kc, -2)  # (-2: an empty slot)
+    t = _kth_largest(kc, k)
+    gt, eq = kc > t, kc == t
+    sel = gt | (eq & (jnp.cumsum(eq.astype(jnp.int32)) <= k - jnp.sum(gt.astype(jnp.int32))))
+    slot = jnp.where(sel, jnp.cumsum(sel.astype(jnp.int32)) - 1, k)
+    return jnp.zeros((k,), jnp.int32).at[slot].set(pos, mode="drop")
 
 
 def _bit_words(mask: jax.Array) -> jax.Array:
@@ -783,6 +794,20 @@ def _bit_words(mask: jax.Array) -> jax.Array:
         tail = jnp.sum(mask[nw * 32:].astype(jnp.uint32) << sh[: n % 32], dtype=jnp.uint32)
         words = jnp.concatenate([words, tail[None]])
     return words
+
+
+def _kth_largest(v: jax.Array, k: int) -> jax.Array:
+    """The ``k``-th largest of int32 ``v`` (``k <= len(v)``, values at least -2), by
+    bisection on counts."""
+    def body(st):
+        lo, hi = st  # count(>= lo) >= k > count(>= hi)
+        mid = lo + (hi - lo) // 2
+        big = jnp.sum((v >= mid).astype(jnp.int32)) >= k
+        return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
+
+    lo, _ = jax.lax.while_loop(lambda st: st[1] - st[0] > 1, body,
+                               (jnp.int32(-2), jnp.max(v) + 1))
+    return lo
 
 
 def _popcount(words: jax.Array) -> jax.Array:
