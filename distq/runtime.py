@@ -104,19 +104,23 @@ class RuntimeOptions:
 
 
 def quantized_apply(apply_fn: Callable, *, tile_bytes: int | None = 4 << 20,
-                    ordered: bool = True, gather_rows: bool = True) -> Callable:
+                    ordered: bool = True, gather_rows: bool = True,
+                    jit: bool = True) -> Callable:
     """``g(qparams, *args, **kwargs) == apply_fn(dequantize_tree(qparams), *args, **kwargs)``,
     each quantised leaf decoded where it is used (see the module docstring).
 
     Args:
       apply_fn: a pure JAX function of a float parameter tree and arrays.
       tile_bytes, ordered, gather_rows: see :class:`RuntimeOptions`.
+      jit: called outside any JAX transformation, ``g`` compiles itself (once per input
+        structure and hashable ``kwargs``) and runs compiled; ``False`` evaluates the
+        equations one by one instead (slow: every operation is dispatched on its own).
 
     Returns:
       ``g(qparams, *args, **kwargs)``: ``qparams`` is the tree of :func:`distq.quantize_tree`
       (quantised leaves and plain arrays); ``args`` are pytrees of arrays (traced);
       ``kwargs`` are passed to ``apply_fn`` as they are (static, like ``train=False``).
-      Jittable; under ``jit`` the trace happens once per compilation.
+      Under ``jit``, ``vmap`` or ``grad`` it runs inline (traced once per compilation).
 
     Examples:
       A Flax linen model, run from its quantised variables:
@@ -136,7 +140,7 @@ def quantized_apply(apply_fn: Callable, *, tile_bytes: int | None = 4 << 20,
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
 
-    def g(qparams, *args, **kwargs):
+    def run(qparams, args, kwargs):
         leaves, treedef = jax.tree_util.tree_flatten(qparams, is_leaf=_spec.is_quantized)
         flat_args, args_tree = jax.tree_util.tree_flatten(args)
         stand_ins = [decoded_aval(x) if _spec.is_quantized(x) else x for x in leaves]
@@ -152,6 +156,20 @@ def quantized_apply(apply_fn: Callable, *, tile_bytes: int | None = 4 << 20,
         interp = interpreter(opts)
         outs = interp.run(closed.jaxpr, closed.consts, inputs + list(flat_args))
         return jax.tree_util.tree_unflatten(out_tree, [interp.materialize(o) for o in outs])
+
+    compiled = jax.jit(lambda qparams, args, kw: run(qparams, args, dict(kw)),
+                       static_argnums=2)
+
+    def g(qparams, *args, **kwargs):
+        if jit and not any(isinstance(x, jax.core.Tracer)
+                           for x in jax.tree_util.tree_leaves((qparams, args))):
+            kw = tuple(sorted(kwargs.items()))
+            try:
+                hash(kw)
+            except TypeError:  # unhashable keyword values: run op by op
+                return run(qparams, args, kwargs)
+            return compiled(qparams, args, kw)
+        return run(qparams, args, kwargs)
 
     g.__name__ = f"quantized_{getattr(apply_fn, '__name__', 'apply')}"
     g.__doc__ = f"{g.__name__}(qparams, *args, **kwargs): see distq.quantized_apply."

@@ -543,8 +543,8 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     k, const = sm.k, sm.const
     tags = iter(range(1, 100))
 
-    def unit():  # the rows in unit space, recomputed by each pass (see _fresh)
-        return _in_unit(_fresh(rows, k, next(tags)), k, lambda v: v)
+    def unit():  # the rows in unit space; under a trace recomputed by each pass (_fresh)
+        return _in_unit(rows if checked else _fresh(rows, k, next(tags)), k, lambda v: v)
 
     finite = jnp.isfinite(rows)
     if spec.robust:
@@ -582,7 +582,8 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     out_idx = None
     if k_out:
         # the k values farthest from their group's centre; the codebook is fitted without them
-        out_idx = _outliers(rows, k, centre_u, safe_u, k_out)
+        kb, cb_, sb = jax.lax.optimization_barrier((k, centre_u, safe_u))
+        out_idx = _outliers(rows, kb, cb_, sb, k_out, lean=not checked)
     locs = {"A": centre_u, "B": loc0_u}
     if _use_hist(spec):
         zsorted, weights = _histograms(rows, k, locs, safe_u, live, rel_w, out_idx, classes,
@@ -694,7 +695,7 @@ def _sorted_samples(u, finite, locs, safe_u, rel_w, out_idx, classes, checked, f
 _TOPK_MAX = 1 << 16  # tensors up to this size take lax.top_k directly
 
 
-def _outliers(rows, ku, centre_u, safe_u, k):
+def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
     """Flat positions (ascending) of the ``k`` values farthest from their group's centre in
     standardised units, ties to the lower position: ``lax.top_k``'s set (values that are not
     finite rank last).
@@ -715,6 +716,9 @@ def _outliers(rows, ku, centre_u, safe_u, k):
 
     def key(d):  # the same order as int32 (d >= 0 or -1)
         return jnp.where(d >= 0, jax.lax.bitcast_convert_type(d, jnp.int32), -1)
+
+    def fresh(tag):  # lean: the rows through _fresh (see there)
+        return _fresh(rows, ku, tag) if lean else rows
 
     if n <= _TOPK_MAX:
         return jnp.sort(jax.lax.top_k(dev(rows), k)[1])
@@ -749,10 +753,10 @@ def _outliers(rows, ku, centre_u, safe_u, k):
         # the values through a select on c < 0 (never true, but XLA cannot know): each pass
         # recomputes everything from the input instead of keeping tensor-sized pieces of
         # the computation hoisted out of the loop
-        words, c = count(t, jnp.where(c < 0, jnp.float32(0.0), rows))
+        words, c = count(t, jnp.where(c < 0, jnp.float32(0.0), rows) if lean else rows)
         return lo, hi, t, words, c
 
-    words, c0 = count(t0, _fresh(rows, ku, 100))
+    words, c0 = count(t0, fresh(100))
     # count(>= -1) = n, count(>= inf + 1) = 0
     lo, hi, _, words, c = jax.lax.while_loop(
         cond, body, (jnp.int32(-1), jnp.int32(_INF_BITS + 1), t0, words, c0))
@@ -760,8 +764,8 @@ def _outliers(rows, ku, centre_u, safe_u, k):
     def tie_words():
         # more than cap values share the key lo (just below hi): the values above it (fewer
         # than k), and the first of the tied ones in position order, up to k in all
-        above = _bit_words(key(dev(_fresh(rows, ku, 101))) >= hi)
-        tied = _bit_words(key(dev(_fresh(rows, ku, 102))) == lo)
+        above = _bit_words(key(dev(fresh(101))) >= hi)
+        tied = _bit_words(key(dev(fresh(102))) == lo)
         end = _set_bits(tied, 1, k - _popcount(above))[0] + 1  # (after the last one taken)
         j = jnp.arange(tied.shape[0], dtype=jnp.int32)
         low = (jnp.uint32(1) << (end % 32).astype(jnp.uint32)) - 1
@@ -837,7 +841,7 @@ def _set_bits(words: jax.Array, cap: int, first=0) -> jax.Array:
     return j * 32 + bit.astype(jnp.int32)
 
 
-def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):
+def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, lean: bool = True):
     """Stage 3 (compiled per shape, cheap): codes against the fitted codebook."""
     (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, cmax, amax,
      nonfinite, out_idx) = stats
@@ -846,7 +850,7 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):
     loc_u = jnp.where(use_a, centre_u, loc0_u)
 
     mids = 0.5 * (codebook[1:] + codebook[:-1])
-    codes = _in_unit(_fresh(rows, k, 101), k, lambda u: nx.bucketize(
+    codes = _in_unit(_fresh(rows, k, 101) if lean else rows, k, lambda u: nx.bucketize(
         (u - loc_u[:, None]) / safe_u[:, None], mids))
     z_out = None
     if out_idx is not None:
@@ -877,7 +881,7 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a):
 # tensor shape. Inside a caller's jit they are inlined into one computation.
 _prepare_jit = jax.jit(_prepare_scalar, static_argnums=(1, 2))
 _fit_jit = jax.jit(_fit_codebook, static_argnums=(2, 3))
-_encode_jit = jax.jit(_encode_scalar, static_argnums=1)
+_encode_jit = jax.jit(_encode_scalar, static_argnums=(1, 5))
 
 
 def _fit_spec(spec: Scalar) -> Scalar:
@@ -893,7 +897,7 @@ def _quantize_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     spec = spec.resolve(tuple(x.shape))
     stats, zsorted, weights = _prepare_jit(x, spec, checked)
     codebook, use_a = _fit_jit(zsorted, weights, _fit_spec(spec), spec.levels)
-    return _encode_jit(x, spec, stats, codebook, use_a)
+    return _encode_jit(x, spec, stats, codebook, use_a, not checked)
 
 
 # ------------------------------------------------------------------------------------ uniform

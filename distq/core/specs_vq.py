@@ -146,11 +146,9 @@ class VQ:
     def quantize_calibrated(self, x: Any, gram: tuple[int, Any], *, damp: float = 0.01,
                             key: Any = None) -> Any:
         """Codes matrix ``x`` minimising the error of its product with the inputs summarised by
-        ``gram = (contracted_axis, H)`` (LDLQ; see :func:`distq.core.vq.quantize_ldlq`)."""
-        from .vq import quantize_ldlq  # noqa: PLC0415 (JAX: only once there is work)
-
-        axis, h = gram
-        return quantize_ldlq(x, self, h, axis, damp=damp, key=key)
+        ``gram = (contracted_axis, H)`` (LDLQ; see :func:`distq.core.vq.quantize_ldlq`).
+        :func:`distq.calibrate.quantize_calibrated` calls it for calibrated trees."""
+        return _spec.quantizer(type(self))(x, self, key, gram=gram, damp=damp)
 
     def resolve(self, shape: tuple[int, ...], role: str | None = None) -> "VQ":
         """The concrete spec (no ``"auto"`` field) for an array of ``shape``.

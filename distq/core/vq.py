@@ -363,9 +363,13 @@ def _check_scales(q: "VQArray", spec: VQ) -> None:
             "array down first")
 
 
-def quantize(x: Any, spec: VQ, key: jax.Array | None = None) -> "VQArray":
+def quantize(x: Any, spec: VQ, key: jax.Array | None = None, *,
+             gram: tuple[int, Any] | None = None, damp: float = 0.01) -> "VQArray":
     """Codes ``x`` with ``spec`` (resolved for a plain array when it has automatic fields);
-    ``key`` draws the rotation's seed. Jittable with ``spec`` static."""
+    ``key`` draws the rotation's seed. Jittable with ``spec`` static. With ``gram =
+    (contracted_axis, H)`` the rounding is calibrated: :func:`quantize_ldlq` with ``damp``."""
+    if gram is not None:
+        return quantize_ldlq(x, spec, gram[1], gram[0], damp=damp, key=key)
     dtype = _checks.dtype_name(x)
     x = _checks.as_float_array(x)
     spec = spec.resolve(tuple(x.shape))
@@ -737,7 +741,7 @@ def quantize_ldlq(x: Any, spec: VQ, h: Any, axis: int, *, damp: float = 0.01,
 
 
 _spec.register_leaf(VQArray)
-_spec.register_quantizer(VQ, lambda x, spec, key: quantize(x, spec, key))
+_spec.register_quantizer(VQ, quantize)
 
 __all__ = ["Geometry", "VQ", "VQArray", "code_table", "encode", "from_state_dict", "geometry",
            "quantize", "quantize_ldlq", "states", "states_at"]
