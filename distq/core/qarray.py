@@ -377,12 +377,21 @@ class QArray(LeafBase):
         pos = jnp.ravel_multi_index(tuple(multi[a] for a in perm), pshape, mode="clip")
         group = pos // (self.value_size // self.layout.num_groups(self.value_shape))
         z = self._level_of(bitpack.take(self.codes, self.bits, pos))
-        if self.n_outliers:
+        if self.n_outliers:  # written into the rows that hold them, no search
             opos = self.outlier_positions().astype(jnp.int32)
-            order = jnp.argsort(opos)
-            opos, oval = opos[order], self.outlier_value.astype(jnp.float32)[order]
-            i = jnp.clip(jnp.searchsorted(opos, pos), 0, self.n_outliers - 1)
-            z = jnp.where(opos[i] == pos, oval[i], z)
+            omulti = jnp.unravel_index(opos, pshape)
+            omulti = [omulti[perm.index(a)] for a in range(len(perm))]  # original order
+            orow = omulti[0]
+            ocol = jnp.ravel_multi_index(tuple(omulti[1:]), self.value_shape[1:],
+                                         mode="clip") if inner > 1 else jnp.zeros_like(orow)
+            rflat = jnp.clip(r.reshape(-1), 0, n0 - 1)
+            nr = rflat.shape[0]
+            # slot of each requested row (a row asked for twice: the last slot holds it)
+            slot = jnp.full((n0,), nr, jnp.int32).at[rflat].set(
+                jnp.arange(nr, dtype=jnp.int32))
+            z2 = z.reshape(nr, inner).at[slot[orow], ocol].set(
+                self.outlier_value.astype(jnp.float32), mode="drop")
+            z = z2[slot[rflat]].reshape(z.shape)
         out = z * self.group_scale()[group]
         if self.loc is not None:
             out = out + self.loc.astype(jnp.float32)[group]

@@ -19,6 +19,7 @@ The distributional pipeline (:class:`Scalar`), per tensor, channel or group of v
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple, Union
 
@@ -52,13 +53,15 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
 
 
 def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout, grid=None,
-           nonfinite=None) -> QArray:
+           nonfinite=None, pack: bool = True) -> QArray:
     """The QArray; a group that held non-finite values (``nonfinite``; possible only under a
-    trace) gets the sign bit of its scale set (-0.0 too), so that it decodes as NaN."""
+    trace) gets the sign bit of its scale set (-0.0 too), so that it decodes as NaN.
+    ``pack=False``: the codes are left unpacked (uint8/uint16), for :func:`_pack_codes`."""
     if nonfinite is not None:
         scale = jnp.where(nonfinite, -scale, scale)
     return QArray(
-        codes=_pack(codes, bits),
+        codes=_pack(codes, bits) if pack else codes.astype(
+            jnp.uint8 if bits <= 8 else jnp.uint16),
         codebook=None if codebook is None else codebook.astype(jnp.float32),
         scale=scale.astype(spec.scale_dtype),
         loc=None if loc is None else loc.astype(spec.scale_dtype),
@@ -529,13 +532,17 @@ def _settled(centre: jax.Array, spread: jax.Array):
     return jnp.where(spread > 0, to_grid(centre, e), centre), spread
 
 
-def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
-    """Stage 1 (compiled per shape, cheap): group statistics and the sorted fitting samples.
+def _group_stats(x: jax.Array, spec: Scalar, checked: bool = False):
+    """Stage 1a (compiled per shape): each group's statistics, as the tuple that stage 3
+    (:func:`_encode_scalar`) takes, less the outliers' positions (``None``), and the fit's
+    per-group weights (see :func:`_histograms`).
 
     Everything is computed in each group's unit space (see :func:`_summary`), over its finite
-    values only (the others get zero weight in the fit). ``checked``: the input is known to be
-    finite (outside a trace, where anything else is refused), so an unweighted sample of one
-    group needs no weights (the fit is faster without)."""
+    values only. ``checked``: the input is known to be finite (outside a trace, where anything
+    else is refused), so nothing is counted and an unweighted sample of one group needs no
+    weights (the fit is faster without); otherwise (under a caller's trace, where the array
+    may be a shard of a bigger one) every pass is fused with the computation of its values
+    (see :func:`_fresh`, :func:`_row_sums`): no tensor-sized temporaries."""
     layout = layout_for(spec, x.shape)
     rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
     g, length = rows.shape
@@ -567,8 +574,6 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
                         spec.scale_dtype)
     loc0_u = _checks.ldexp(loc0, k)
     safe_u = _safe_scale(spread_u, jnp.where(live, spread0, 1.0))
-
-    classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
     rel_w = None  # per-group weights of the fit (None: every value weighs the same)
     if g > 1:
         # each group's values weigh as its scale (squared for "mse") relative to the largest,
@@ -578,22 +583,41 @@ def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
         rel = jnp.where(live, _checks.ldexp(safe_u, -k - e_top), 0.0)
         rel = jnp.where(jnp.any(live), rel, 1.0)
         rel_w = rel * rel if spec.objective == "mse" else rel
+    stats = (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, sm.hi,
+             sm.amax, sm.nonfinite, None)
+    return stats, rel_w
+
+
+def _fit_data(x: jax.Array, spec: Scalar, checked: bool, stats, rel_w, out_idx=None):
+    """Stage 1c (compiled per shape): the fitting data of stage 2 (see :func:`_fit_codebook`)
+    and the outliers' positions: ``out_idx`` when given (found outside, see
+    :func:`_outliers_host`), else found here (see :func:`_outliers`); the codebook is fitted
+    without them."""
+    layout = layout_for(spec, x.shape)
+    rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
+    g, length = rows.shape
+    k, _, centre_u, _, _, safe_u, _, loc0_u, live = stats[:9]
     k_out = spec.n_outliers(g * length)
-    out_idx = None
-    if k_out:
-        # the k values farthest from their group's centre; the codebook is fitted without them
-        kb, cb_, sb = jax.lax.optimization_barrier((k, centre_u, safe_u))
-        out_idx = _outliers(rows, kb, cb_, sb, k_out, lean=not checked)
+    if k_out and out_idx is None:
+        out_idx = _outliers(rows, k, centre_u, safe_u, k_out, lean=not checked)
+    classes = {_unit_class(spec, d.family) for d in spec.candidate_dists()}
     locs = {"A": centre_u, "B": loc0_u}
     if _use_hist(spec):
         zsorted, weights = _histograms(rows, k, locs, safe_u, live, rel_w, out_idx, classes,
                                        checked)
     else:
-        zsorted, weights = _sorted_samples(unit(), finite, locs, safe_u, rel_w, out_idx, classes,
-                                           checked, spec.fit_size)
-    stats = (k, centre, centre_u, spread, spread0, safe_u, loc0, loc0_u, live, const, sm.hi,
-             sm.amax, sm.nonfinite, out_idx)
-    return stats, zsorted, weights
+        u = _in_unit(rows, k, lambda v: v)
+        zsorted, weights = _sorted_samples(u, jnp.isfinite(rows), locs, safe_u, rel_w,
+                                           out_idx, classes, checked, spec.fit_size)
+    return zsorted, weights, out_idx
+
+
+def _prepare_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
+    """Stage 1 in one computation: statistics (:func:`_group_stats`) and fitting data with
+    the outliers (:func:`_fit_data`); returns ``(stats, zsorted, weights)``."""
+    stats, rel_w = _group_stats(x, spec, checked)
+    zsorted, weights, out_idx = _fit_data(x, spec, checked, stats, rel_w)
+    return stats[:-1] + (out_idx,), zsorted, weights
 
 
 def _use_hist(spec: Scalar) -> bool:
@@ -695,36 +719,30 @@ def _sorted_samples(u, finite, locs, safe_u, rel_w, out_idx, classes, checked, f
 _TOPK_MAX = 1 << 16  # tensors up to this size take lax.top_k directly
 
 
-def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
-    """Flat positions (ascending) of the ``k`` values farthest from their group's centre in
-    standardised units, ties to the lower position: ``lax.top_k``'s set (values that are not
-    finite rank last).
+def _dev(v, ku, centre_u, safe_u):
+    """Each value's distance from its group's centre in standardised units, flattened; -1
+    where not finite (ranked last)."""
+    d = jnp.abs((_to_unit(v, ku[:, None]) - centre_u[:, None]) / safe_u[:, None])
+    return jnp.where(jnp.isfinite(v), d, -1.0).reshape(-1)
 
-    Beyond ``2**16`` values ``lax.top_k`` over the tensor is slow on XLA:CPU (a partial sort
-    of everything; sharded, it gathers the tensor), so a threshold with between ``k`` and
-    ``1.5 k`` values at or above it is found by counting (first guess from a histogram of a
-    strided sample; each try one pass over the values, an all-reduce of its count when
-    sharded), those values' positions are read off a bit mask of the tensor (one bit a
-    value), and the ``k`` largest among them are found by counting again, on them alone.
-    """
+
+def _dev_key(d):
+    """A distance as an int32 in the same order (``d >= 0``, or -1)."""
+    return jnp.where(d >= 0, jax.lax.bitcast_convert_type(d, jnp.int32), -1)
+
+
+def _outlier_cap(k: int) -> int:
+    """How many candidates the threshold may let through (at least ``k``)."""
+    return k + max(k // 2, 1024)
+
+
+def _outlier_guess(rows, ku, centre_u, safe_u, k):
+    """A first threshold (a distance key) with about ``1.25 k`` values at or above it: the
+    lower edge of the bin of a histogram of a strided sample where its upper tail reaches
+    that many."""
     g, length = rows.shape
     n = g * length
-
-    def dev(v):  # of the values v (rows, see below); -1 where not finite (ranked last)
-        d = jnp.abs((_to_unit(v, ku[:, None]) - centre_u[:, None]) / safe_u[:, None])
-        return jnp.where(jnp.isfinite(v), d, -1.0).reshape(-1)
-
-    def key(d):  # the same order as int32 (d >= 0 or -1)
-        return jnp.where(d >= 0, jax.lax.bitcast_convert_type(d, jnp.int32), -1)
-
-    def fresh(tag):  # lean: the rows through _fresh (see there)
-        return _fresh(rows, ku, tag) if lean else rows
-
-    if n <= _TOPK_MAX:
-        return jnp.sort(jax.lax.top_k(dev(rows), k)[1])
-    cap = k + max(k // 2, 1024)
-    # first guess: the lower edge of the bin where a sample's upper tail reaches ~1.25 k
-    size = _TOPK_MAX
+    size = min(n, _TOPK_MAX)
     grp = (jnp.arange(size, dtype=jnp.int32) * (n // size)) // length
     v = _strided(rows.reshape(-1), size)
     sample = jnp.abs((_to_unit(v, ku[grp]) - centre_u[grp]) / safe_u[grp])
@@ -732,10 +750,48 @@ def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
     hist = jnp.zeros((nx.HIST_BINS,), jnp.int32).at[nx.hist_bin(sample)].add(1)
     tail = jnp.cumsum(hist[::-1])[::-1]  # sample values in this bin or above
     b = jnp.maximum(jnp.sum(tail.astype(jnp.float32) >= 1.25 * k * size / n) - 1, 0)
-    t0 = key(jnp.maximum(jnp.asarray(nx.hist_edges())[b], 0.0))
+    return _dev_key(jnp.maximum(jnp.asarray(nx.hist_edges())[b], 0.0))
+
+
+def _outlier_rank(rows, ku, centre_u, safe_u, pos, filled, k):
+    """The ``k`` largest distances among the candidates at positions ``pos`` (in position
+    order, the first ``filled`` of them real), largest first, ties to the lower position."""
+    uv, fin, r = _gather_unit(rows, ku, pos)
+    d = jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0)
+    d = jnp.where(jnp.arange(pos.shape[0]) < filled, d, -jnp.inf)
+    return pos[jax.lax.top_k(d, k)[1]]
+
+
+def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
+    """Flat positions of the ``k`` values farthest from their group's centre in standardised
+    units, farthest first, ties to the lower position: ``lax.top_k``'s answer (values that
+    are not finite rank last).
+
+    Beyond ``2**16`` values ``lax.top_k`` over the tensor is slow on XLA:CPU (a partial sort
+    of all of it, ~60 ms per 4M values) and gathers a sharded tensor; so a threshold with
+    between ``k`` and ``1.5 k`` values at or above it is found by counting (first guess from
+    :func:`_outlier_guess`; each try one pass over the values, an all-reduce of its count
+    when sharded), those values' positions are read off a bit mask of the tensor (one bit a
+    value), and ``lax.top_k`` ranks only them. Outside a trace :func:`_outliers_host` does
+    the same with the counting loop and the bit mask on the host (less to compile); here
+    (``lean``, under a caller's trace) everything stays in the computation.
+    """
+    g, length = rows.shape
+    n = g * length
+
+    def dev(v):
+        return _dev(v, ku, centre_u, safe_u)
+
+    def fresh(tag):  # lean: the rows through _fresh (see there)
+        return _fresh(rows, ku, tag) if lean else rows
+
+    if n <= _TOPK_MAX or not lean:
+        return jax.lax.top_k(dev(rows), k)[1]
+    cap = _outlier_cap(k)
+    t0 = _outlier_guess(rows, ku, centre_u, safe_u, k)
 
     def count(t, v):
-        words = _bit_words(key(dev(v)) >= t)
+        words = _bit_words(_dev_key(dev(v)) >= t)
         return words, _popcount(words)
 
     def off(c):
@@ -764,8 +820,8 @@ def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
     def tie_words():
         # more than cap values share the key lo (just below hi): the values above it (fewer
         # than k), and the first of the tied ones in position order, up to k in all
-        above = _bit_words(key(dev(fresh(101))) >= hi)
-        tied = _bit_words(key(dev(fresh(102))) == lo)
+        above = _bit_words(_dev_key(dev(fresh(101))) >= hi)
+        tied = _bit_words(_dev_key(dev(fresh(102))) == lo)
         end = _set_bits(tied, 1, k - _popcount(above))[0] + 1  # (after the last one taken)
         j = jnp.arange(tied.shape[0], dtype=jnp.int32)
         low = (jnp.uint32(1) << (end % 32).astype(jnp.uint32)) - 1
@@ -774,17 +830,61 @@ def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
         return above | (tied & keep)
 
     words = jax.lax.cond(off(c), tie_words, lambda: words)
-    pos = _set_bits(words, cap)
-    # the k largest of the (k to cap) candidates, ties to the lower position, by counting
-    # once more (lax.top_k of them costs more than everything above)
-    uv, fin, r = _gather_unit(rows, ku, pos)
-    kc = key(jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0))
-    kc = jnp.where(jnp.arange(cap) < _popcount(words), kc, -2)  # (-2: an empty slot)
-    t = _kth_largest(kc, k)
-    gt, eq = kc > t, kc == t
-    sel = gt | (eq & (jnp.cumsum(eq.astype(jnp.int32)) <= k - jnp.sum(gt.astype(jnp.int32))))
-    slot = jnp.where(sel, jnp.cumsum(sel.astype(jnp.int32)) - 1, k)
-    return jnp.zeros((k,), jnp.int32).at[slot].set(pos, mode="drop")
+    return _outlier_rank(rows, ku, centre_u, safe_u, _set_bits(words, cap), _popcount(words), k)
+
+
+def _rows_of(x, spec):
+    return layout_for(spec, x.shape).to_rows(jnp.asarray(x).astype(jnp.float32))
+
+
+@jax.jit
+def _words_at(rows, ku, centre_u, safe_u, t):
+    """The bit mask (see :func:`_bit_words`) of the values whose distance key is ``>= t``."""
+    return _bit_words(_dev_key(_dev(rows, ku, centre_u, safe_u)) >= t)
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def _rank_at(rows, ku, centre_u, safe_u, pos, filled, k):
+    return _outlier_rank(rows, ku, centre_u, safe_u, pos, filled, k)
+
+
+_guess_at = jax.jit(_outlier_guess, static_argnums=4)
+
+
+def _outliers_host(x, spec: Scalar, stats, k: int):
+    """:func:`_outliers` for a concrete ``x`` beyond ``2**16`` values, with the counting loop
+    and the positions of the set bits of the mask on the host (NumPy): only the passes over
+    the values (one per try) and the final ranking are compiled."""
+    rows = _rows_of(x, spec)
+    ku, centre_u, safe_u = stats[0], stats[2], stats[5]
+    n = rows.size
+    cap = _outlier_cap(k)
+
+    def words_at(t):
+        w = np.asarray(_words_at(rows, ku, centre_u, safe_u, np.int32(t))).astype("<u4")
+        return w, int(np.unpackbits(w.view(np.uint8)).sum())
+
+    t = int(_guess_at(rows, ku, centre_u, safe_u, k))
+    lo, hi = -1, _INF_BITS + 1  # count(>= lo) = n, count(>= hi) = 0
+    words, c = words_at(t)
+    while (c < k or c > cap) and hi - lo > 1:
+        lo, hi = (t, hi) if c > cap else (lo, t)
+        t = lo + (hi - lo) // 2
+        words, c = words_at(t)
+
+    def positions(w):  # of the set bits, ascending
+        return np.flatnonzero(np.unpackbits(w.view(np.uint8), bitorder="little")[:n])
+
+    if k <= c <= cap:
+        pos = positions(words)
+    else:  # ties: everything above lo, then the first values equal to it
+        above, _ = words_at(hi)
+        pos_above = positions(above)
+        tied = positions(words_at(lo)[0] & ~above)[: k - pos_above.size]
+        pos = np.concatenate([pos_above, tied])
+    filled = pos.size
+    pos = np.concatenate([pos, np.zeros(cap - filled, np.int64)]).astype(np.int32)
+    return _rank_at(rows, ku, centre_u, safe_u, pos, np.int32(filled), k)
 
 
 def _bit_words(mask: jax.Array) -> jax.Array:
@@ -798,20 +898,6 @@ def _bit_words(mask: jax.Array) -> jax.Array:
         tail = jnp.sum(mask[nw * 32:].astype(jnp.uint32) << sh[: n % 32], dtype=jnp.uint32)
         words = jnp.concatenate([words, tail[None]])
     return words
-
-
-def _kth_largest(v: jax.Array, k: int) -> jax.Array:
-    """The ``k``-th largest of int32 ``v`` (``k <= len(v)``, values at least -2), by
-    bisection on counts."""
-    def body(st):
-        lo, hi = st  # count(>= lo) >= k > count(>= hi)
-        mid = lo + (hi - lo) // 2
-        big = jnp.sum((v >= mid).astype(jnp.int32)) >= k
-        return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
-
-    lo, _ = jax.lax.while_loop(lambda st: st[1] - st[0] > 1, body,
-                               (jnp.int32(-2), jnp.max(v) + 1))
-    return lo
 
 
 def _popcount(words: jax.Array) -> jax.Array:
@@ -867,7 +953,7 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, lean: bool = True):
     diag = _diagnose(spec, k, amax, spread0, scale, gap, ext, live, nonfinite, const, cmax,
                      cval)
     q = _build(spec, x, codes, codebook, scale, loc, spec.code_bits, spec.levels,
-               "distributional", layout, None, nonfinite)
+               "distributional", layout, None, nonfinite, pack=lean)
     if out_idx is None:
         return q, diag
     idx = out_idx.astype(jnp.uint32)
@@ -893,11 +979,34 @@ def _fit_spec(spec: Scalar) -> Scalar:
         outliers=None, fit_size=Scalar.fit_size if _use_hist(spec) else spec.fit_size)
 
 
+_pack_jit = jax.jit(_pack, static_argnums=1)
+
+
+def _pack_codes(q: QArray) -> QArray:
+    """``q`` with its unpacked codes (see :func:`_build`) packed, in a computation of its own:
+    XLA:CPU fuses the computation of the codes into the packing kernel, which then runs ~20x
+    slower than computing the codes into memory and packing them there."""
+    return dataclasses.replace(q, codes=_pack_jit(q.codes, q.bits))
+
+
+_stats_jit = jax.jit(_group_stats, static_argnums=(1, 2))
+_fit_data_jit = jax.jit(_fit_data, static_argnums=(1, 2))
+
+
 def _quantize_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
     spec = spec.resolve(tuple(x.shape))
-    stats, zsorted, weights = _prepare_jit(x, spec, checked)
+    if checked:  # stage 1 in parts, the outliers' search on the host (see _outliers_host)
+        stats, rel_w = _stats_jit(x, spec, True)
+        k_out = spec.n_outliers(math.prod(x.shape))
+        out_idx = _outliers_host(x, spec, stats, k_out) if k_out and (
+            math.prod(x.shape) > _TOPK_MAX) else None
+        zsorted, weights, out_idx = _fit_data_jit(x, spec, True, stats, rel_w, out_idx)
+        stats = stats[:-1] + (out_idx,)
+    else:
+        stats, zsorted, weights = _prepare_jit(x, spec, checked)
     codebook, use_a = _fit_jit(zsorted, weights, _fit_spec(spec), spec.levels)
-    return _encode_jit(x, spec, stats, codebook, use_a, not checked)
+    q, diag = _encode_jit(x, spec, stats, codebook, use_a, not checked)
+    return (q if not checked else _pack_codes(q)), diag
 
 
 # ------------------------------------------------------------------------------------ uniform
