@@ -721,8 +721,10 @@ _TOPK_MAX = 1 << 16  # tensors up to this size take lax.top_k directly
 
 def _dev(v, ku, centre_u, safe_u):
     """Each value's distance from its group's centre in standardised units, flattened; -1
-    where not finite (ranked last)."""
-    d = jnp.abs((_to_unit(v, ku[:, None]) - centre_u[:, None]) / safe_u[:, None])
+    where not finite (ranked last). (Times the reciprocal of the scale, as every distance
+    here: XLA may turn a division by a broadcast value into that product, and the ranking
+    must not depend on where it did.)"""
+    d = jnp.abs(_to_unit(v, ku[:, None]) - centre_u[:, None]) * (1.0 / safe_u)[:, None]
     return jnp.where(jnp.isfinite(v), d, -1.0).reshape(-1)
 
 
@@ -745,7 +747,7 @@ def _outlier_guess(rows, ku, centre_u, safe_u, k):
     size = min(n, _TOPK_MAX)
     grp = (jnp.arange(size, dtype=jnp.int32) * (n // size)) // length
     v = _strided(rows.reshape(-1), size)
-    sample = jnp.abs((_to_unit(v, ku[grp]) - centre_u[grp]) / safe_u[grp])
+    sample = jnp.abs(_to_unit(v, ku[grp]) - centre_u[grp]) * (1.0 / safe_u)[grp]
     sample = jnp.where(jnp.isfinite(v), sample, -1.0)
     hist = jnp.zeros((nx.HIST_BINS,), jnp.int32).at[nx.hist_bin(sample)].add(1)
     tail = jnp.cumsum(hist[::-1])[::-1]  # sample values in this bin or above
@@ -757,7 +759,7 @@ def _outlier_rank(rows, ku, centre_u, safe_u, pos, filled, k):
     """The ``k`` largest distances among the candidates at positions ``pos`` (in position
     order, the first ``filled`` of them real), largest first, ties to the lower position."""
     uv, fin, r = _gather_unit(rows, ku, pos)
-    d = jnp.where(fin, jnp.abs((uv - centre_u[r]) / safe_u[r]), -1.0)
+    d = jnp.where(fin, jnp.abs(uv - centre_u[r]) * (1.0 / safe_u)[r], -1.0)
     d = jnp.where(jnp.arange(pos.shape[0]) < filled, d, -jnp.inf)
     return pos[jax.lax.top_k(d, k)[1]]
 
