@@ -864,7 +864,7 @@ def _outliers_host(x, spec: Scalar, stats, k: int):
 
     def words_at(t):
         w = np.asarray(_words_at(rows, ku, centre_u, safe_u, np.int32(t))).astype("<u4")
-        return w, int(np.unpackbits(w.view(np.uint8)).sum())
+        return w, int(np.unpackbits(w.view(np.uint8)).sum(dtype=np.int64))
 
     t = int(_guess_at(rows, ku, centre_u, safe_u, k))
     lo, hi = -1, _INF_BITS + 1  # count(>= lo) = n, count(>= hi) = 0
@@ -874,8 +874,11 @@ def _outliers_host(x, spec: Scalar, stats, k: int):
         t = lo + (hi - lo) // 2
         words, c = words_at(t)
 
-    def positions(w):  # of the set bits, ascending
-        return np.flatnonzero(np.unpackbits(w.view(np.uint8), bitorder="little")[:n])
+    def positions(w):  # of the set bits, ascending (only the words with any are unpacked)
+        j = np.flatnonzero(w)
+        bits = np.unpackbits(w[j].view(np.uint8), bitorder="little").reshape(-1, 32)
+        r, b = np.nonzero(bits)
+        return j[r].astype(np.int64) * 32 + b
 
     if k <= c <= cap:
         pos = positions(words)
