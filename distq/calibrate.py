@@ -15,7 +15,7 @@ punctuation tokens, in a few feature dimensions) dominate the Gram matrix; round
 their accuracy with errors larger than the output itself on every other token, although a
 following LayerNorm/RMSNorm divides each token by its own scale, so it is each token's relative
 error that the model sees. On MiniLM at 3 bits that made calibrated rounding worse than plain
-rounding (0.742 vs 0.830 cosine); with relative weights it is far better (see the README).
+rounding; with relative weights it is far better (see the README).
 
 Each leaf with a Gram matrix is then quantised in the style of GPTQ (Frantar et al., 2023):
 the spec first fixes the grid (its codebook, scales and locations, fitted to the weights as

@@ -56,7 +56,7 @@ def _build(spec, x, codes, codebook, scale, loc, bits, n, method, layout, grid=N
            nonfinite=None, pack: bool = True) -> QArray:
     """The QArray; a group that held non-finite values (``nonfinite``; possible only under a
     trace) gets the sign bit of its scale set (-0.0 too), so that it decodes as NaN.
-    ``pack=False``: the codes are left unpacked (uint8/uint16), for :func:`_pack_codes`."""
+    ``pack=False``: the codes are left unpacked (uint8/uint16), for :func:`_finish_eager`."""
     if nonfinite is not None:
         scale = jnp.where(nonfinite, -scale, scale)
     return QArray(
@@ -210,8 +210,10 @@ def _diagnose(spec, k, amax_u, scale_u, scale, gap, ext_u, live, nonfinite, cons
     e = jnp.where(amax_u > 0, _checks.exponent(amax_u) - k, jnp.iinfo(jnp.int32).min // 2)
     small = e < jnp.max(e) - 24
     p_scale = live & ((~small & ~(scale >= tiny)) | ~(scale <= big))
-    p_step = live & ~small & ~(_checks.ldexp(step_u, -k) >= _checks.F32_TINY)
-    p_ext = ~(_checks.ldexp(ext_u, -k) <= _checks.F32_MAX)
+    # (v * 2**-k, exactly, is a normal number iff v's exponent less k is at least -126, and
+    # finite iff at most 127: compared on the exponents, nothing is scaled)
+    p_step = live & ~small & ~((step_u > 0) & (_checks.exponent(step_u) - k >= -126))
+    p_ext = ~(jnp.isfinite(ext_u) & (_checks.exponent(ext_u) - k <= 127))
     p_const = jnp.zeros_like(live)
     if const is not None:
         mag = jnp.abs(const_stored)
@@ -523,13 +525,17 @@ def _settled(centre: jax.Array, spread: jax.Array):
     (unit space). A sum's last bits depend on the order of its additions, which XLA chooses
     (per device count and sharding); rounded, the same values give the same statistics, and so
     the same codebook and codes, whether the array is sharded or not (about 1e-4 of the spread
-    is far below anything a codebook, fitted to the standardised values, can see)."""
-    def to_grid(v, e):  # v rounded to a multiple of 2**e
-        return _checks.ldexp(jnp.round(_checks.ldexp(v, -e)), e)
+    is far below anything a codebook, fitted to the standardised values, can see). In unit
+    space the spread's exponent lies far inside float32's range, so the grid's power of two
+    and its inverse are plain (exact) factors."""
+    e = jnp.clip(_checks.exponent(spread) - (_SETTLE_BITS - 1), -100, 100)
+    up, down = _checks.pow2(-e), _checks.pow2(e)
 
-    e = _checks.exponent(spread) - (_SETTLE_BITS - 1)
-    spread = jnp.where(spread > 0, to_grid(spread, e), spread)
-    return jnp.where(spread > 0, to_grid(centre, e), centre), spread
+    def to_grid(v):  # v rounded to a multiple of 2**e
+        return jnp.round(v * up) * down
+
+    live = spread > 0
+    return jnp.where(live, to_grid(centre), centre), jnp.where(live, to_grid(spread), spread)
 
 
 def _group_stats(x: jax.Array, spec: Scalar, checked: bool = False):
@@ -572,7 +578,7 @@ def _group_stats(x: jax.Array, spec: Scalar, checked: bool = False):
     centre, centre_u = _stored(centre, k, spec.scale_dtype)
     loc0 = _round_dtype(jnp.full((g,), 0.0 if spec.zero is None else spec.zero, jnp.float32),
                         spec.scale_dtype)
-    loc0_u = _checks.ldexp(loc0, k)
+    loc0_u = _checks.ldexp(loc0, k) if spec.zero else jnp.zeros((g,), jnp.float32)
     safe_u = _safe_scale(spread_u, jnp.where(live, spread0, 1.0))
     rel_w = None  # per-group weights of the fit (None: every value weighs the same)
     if g > 1:
@@ -738,17 +744,24 @@ def _outlier_cap(k: int) -> int:
     return k + max(k // 2, 1024)
 
 
-def _outlier_guess(rows, ku, centre_u, safe_u, k):
-    """A first threshold (a distance key) with about ``1.25 k`` values at or above it: the
-    lower edge of the bin of a histogram of a strided sample where its upper tail reaches
-    that many."""
+def _dev_sample(rows, ku, centre_u, safe_u):
+    """The distances (see :func:`_dev`) of a strided sample of at most ``2**16`` values."""
     g, length = rows.shape
     n = g * length
     size = min(n, _TOPK_MAX)
     grp = (jnp.arange(size, dtype=jnp.int32) * (n // size)) // length
     v = _strided(rows.reshape(-1), size)
-    sample = jnp.abs(_to_unit(v, ku[grp]) - centre_u[grp]) * (1.0 / safe_u)[grp]
-    sample = jnp.where(jnp.isfinite(v), sample, -1.0)
+    d = jnp.abs(_to_unit(v, ku[grp]) - centre_u[grp]) * (1.0 / safe_u)[grp]
+    return jnp.where(jnp.isfinite(v), d, -1.0)
+
+
+def _outlier_guess(rows, ku, centre_u, safe_u, k):
+    """A first threshold (a distance key) with about ``1.25 k`` values at or above it: the
+    lower edge of the bin of a histogram of a strided sample where its upper tail reaches
+    that many."""
+    n = rows.size
+    sample = _dev_sample(rows, ku, centre_u, safe_u)
+    size = sample.shape[0]
     hist = jnp.zeros((nx.HIST_BINS,), jnp.int32).at[nx.hist_bin(sample)].add(1)
     tail = jnp.cumsum(hist[::-1])[::-1]  # sample values in this bin or above
     b = jnp.maximum(jnp.sum(tail.astype(jnp.float32) >= 1.25 * k * size / n) - 1, 0)
@@ -850,7 +863,7 @@ def _rank_at(rows, ku, centre_u, safe_u, pos, filled, k):
     return _outlier_rank(rows, ku, centre_u, safe_u, pos, filled, k)
 
 
-_guess_at = jax.jit(_outlier_guess, static_argnums=4)
+_sample_at = jax.jit(_dev_sample)
 
 
 def _outliers_host(x, spec: Scalar, stats, k: int):
@@ -866,7 +879,11 @@ def _outliers_host(x, spec: Scalar, stats, k: int):
         w = np.asarray(_words_at(rows, ku, centre_u, safe_u, np.int32(t))).astype("<u4")
         return w, int(np.unpackbits(w.view(np.uint8)).sum(dtype=np.int64))
 
-    t = int(_guess_at(rows, ku, centre_u, safe_u, k))
+    # first guess: the sample's value at the rank that scales to ~1.25 k
+    sample = np.asarray(_sample_at(rows, ku, centre_u, safe_u))
+    r = min(sample.size, max(1, round(1.25 * k * sample.size / n)))
+    t0 = np.partition(sample, sample.size - r)[sample.size - r]
+    t = int(np.float32(t0).view(np.int32)) if t0 >= 0 else -1
     lo, hi = -1, _INF_BITS + 1  # count(>= lo) = n, count(>= hi) = 0
     words, c = words_at(t)
     while (c < k or c > cap) and hi - lo > 1:
@@ -961,6 +978,9 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, lean: bool = True):
                "distributional", layout, None, nonfinite, pack=lean)
     if out_idx is None:
         return q, diag
+    if not lean:  # left raw (int32 positions, float32 values) for _finish_eager
+        return dataclasses.replace(q, outlier_index=out_idx, outlier_value=z_out,
+                                   n_outliers=int(out_idx.shape[0])), diag
     idx = out_idx.astype(jnp.uint32)
     return dataclasses.replace(q, outlier_index=pack_positions(idx, q.index_bits),
                                outlier_value=outlier_values(z_out),
@@ -987,11 +1007,40 @@ def _fit_spec(spec: Scalar) -> Scalar:
 _pack_jit = jax.jit(_pack, static_argnums=1)
 
 
-def _pack_codes(q: QArray) -> QArray:
-    """``q`` with its unpacked codes (see :func:`_build`) packed, in a computation of its own:
-    XLA:CPU fuses the computation of the codes into the packing kernel, which then runs ~20x
-    slower than computing the codes into memory and packing them there."""
-    return dataclasses.replace(q, codes=_pack_jit(q.codes, q.bits))
+def _pack_stream_host(codes: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`distq.bitpack.pack` in NumPy (the same little-endian bit stream of uint32
+    words), for the few values of a host-side step."""
+    codes = np.asarray(codes).astype(np.uint32)
+    stream = ((codes[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    nw = bitpack.packed_nwords(codes.size, bits)
+    stream = np.concatenate([stream.reshape(-1), np.zeros(nw * 32 - stream.size, np.uint8)])
+    return np.packbits(stream, bitorder="little").view("<u4").astype(np.uint32)
+
+
+def _pack_positions_host(idx: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`distq.core.qarray.pack_positions` in NumPy (a stream of the low 16 bits, then
+    one of the ``bits - 16`` high bits when there are any)."""
+    idx = np.asarray(idx).astype(np.uint32)
+    hi = max(bits - 16, 0)
+    parts = [_pack_stream_host(idx & 0xFFFF if hi else idx, min(bits, 16))]
+    if hi:
+        parts.append(_pack_stream_host(idx >> 16, hi))
+    return np.concatenate(parts)
+
+
+def _finish_eager(q: QArray) -> QArray:
+    """``q`` from stage 3 outside a trace, finished: its unpacked codes (see :func:`_build`)
+    packed in a computation of their own (XLA:CPU fuses the computation of the codes into
+    the packing kernel, which then runs ~20x slower than packing codes held in memory), its
+    outliers' positions and values (left raw by :func:`_encode_scalar`) packed on the host
+    (their packing, compiled, cost as much compilation as the rest of stage 3)."""
+    q = dataclasses.replace(q, codes=_pack_jit(q.codes, q.bits))
+    if not q.n_outliers:
+        return q
+    f16 = float(np.finfo(np.float16).max)
+    val = np.clip(np.asarray(q.outlier_value), -f16, f16).astype(np.float16)
+    idx = _pack_positions_host(np.asarray(q.outlier_index), q.index_bits)
+    return dataclasses.replace(q, outlier_index=jnp.asarray(idx), outlier_value=jnp.asarray(val))
 
 
 _stats_jit = jax.jit(_group_stats, static_argnums=(1, 2))
@@ -1011,7 +1060,7 @@ def _quantize_scalar(x: jax.Array, spec: Scalar, checked: bool = False):
         stats, zsorted, weights = _prepare_jit(x, spec, checked)
     codebook, use_a = _fit_jit(zsorted, weights, _fit_spec(spec), spec.levels)
     q, diag = _encode_jit(x, spec, stats, codebook, use_a, not checked)
-    return (q if not checked else _pack_codes(q)), diag
+    return (q if not checked else _finish_eager(q)), diag
 
 
 # ------------------------------------------------------------------------------------ uniform
