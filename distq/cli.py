@@ -195,7 +195,7 @@ def parse_rule(text: str) -> tuple[str, Any]:
     alternatives = "|".join(re.escape(k) for k in sorted(kinds, key=len, reverse=True))
     for m in re.finditer("=", text):
         rest = text[m.end():]
-        if re.match(rf"\s*({alternatives})\s*(:|,|\\(|$)", rest, re.IGNORECASE):
+        if re.match(rf"\s*({alternatives})\s*(:|,|\(|$)", rest, re.IGNORECASE):
             regex = text[:m.start()]
             break
     else:

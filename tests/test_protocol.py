@@ -21,7 +21,7 @@ PKG = os.path.join(os.path.dirname(__file__), os.pardir, "distq")
 SPECS = [distq.Scalar(bits=4), distq.Scalar(bits=3, axis=0, outliers=0.01),
          distq.Uniform(bits=8), distq.Uniform(bits=4, symmetric=False, axis=1), distq.NF4(),
          distq.PQ(m=4, bits=4), distq.Cast("bfloat16"), distq.Rotated(distq.Scalar(bits=4)),
-         distq.VQ(bits=2)]
+         distq.VQ(bits=4)]
 IDS = ["scalar", "scalar-axis-outliers", "int8", "int4-affine", "nf4", "pq", "cast", "rotated",
        "vq"]
 

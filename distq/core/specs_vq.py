@@ -29,22 +29,27 @@ def default_state_bits(bits: int) -> int:
     Viterbi encoding costs about ``2**L`` operations per value whatever ``bits`` is, so one ``L``
     fits one time budget; 12 puts a Gaussian source within 0.5 / 0.75 / 1.0 / 1.35 dB of the
     distortion-rate bound at 1 / 2 / 3 / 4 bits (each step of 2 in ``L`` gains 0.2-0.4 dB and
-    costs 4x the time). ``L`` must be a multiple of ``bits``: 12 is one of 1, 2, 3 and 4.
+    costs 4x the time).
     """
     del bits
     return 12
 
 
+def symbols_per_state(bits: int, state_bits: int) -> int:
+    """Symbols that a state's ``state_bits`` bits touch (the oldest may be partly outside)."""
+    return -(-state_bits // bits)
+
+
 def tail_window(bits: int, state_bits: int) -> int:
     """Values on each side of a block's wrap point that the first, unconstrained Viterbi pass of
     tail-biting encoding looks at (about three state lengths, at least 16)."""
-    return max(16, 3 * (state_bits // bits))
+    return max(16, 3 * symbols_per_state(bits, state_bits))
 
 
 def min_block(bits: int, state_bits: int) -> int:
     """The shortest block (values) that a tail-biting trellis of ``state_bits`` can code: its
     bits must hold one state."""
-    return state_bits // bits
+    return symbols_per_state(bits, state_bits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +74,8 @@ class VQ:
 
     Attributes:
       bits: bits per value, 1..4.
-      state_bits: the trellis' state length ``L`` (a multiple of ``bits``, at most 16); encoding
-        costs about ``2**L`` operations per value. ``None``: :func:`default_state_bits`.
+      state_bits: the trellis' state length ``L`` (``2 * bits`` to 16); encoding costs about
+        ``2**L`` operations per value. ``None``: :func:`default_state_bits`.
       block: target values per trellis block (blocks tile each coded row in near-equal lengths);
         longer blocks lose less to the tail-biting constraint, shorter ones vectorise better.
       input_axis: the weight's input (contracted) axis, rotated and never scaled; the sequences
@@ -118,9 +123,9 @@ class VQ:
         _checks.check_bits(self.bits, "bits", 1, MAX_BITS)
         if self.state_bits is not None:
             _checks.check_int(self.state_bits, "state_bits", 1, MAX_STATE_BITS)
-            if self.state_bits % self.bits or self.state_bits < 2 * self.bits:
-                raise ValueError(f"state_bits must be a multiple of bits={self.bits} and at "
-                                 f"least {2 * self.bits}, got {self.state_bits}")
+            if self.state_bits < 2 * self.bits:
+                raise ValueError(f"state_bits must be at least 2 * bits = {2 * self.bits}, got "
+                                 f"{self.state_bits}")
         _checks.check_int(self.block, "block", 1, 1 << 20)
         if not (isinstance(self.input_axis, str) and self.input_axis == AUTO) and (
                 self.input_axis is not None):

@@ -59,7 +59,7 @@ from . import bitpack
 from . import hadamard
 from . import spec as _spec
 from .leaf import LeafBase, leaf_from_state
-from .specs_vq import VQ, min_block, rotates, tail_window
+from .specs_vq import VQ, min_block, rotates, symbols_per_state, tail_window
 
 # ---------------------------------------------------------------------------------- the code
 # a bijective integer hash of L-bit states: multiplications by odd constants and xor-shifts
@@ -147,7 +147,7 @@ def _lanes(L: int, n: int) -> int:
 def _encode_blocks(x: jax.Array, table: jax.Array, L: int, k: int) -> jax.Array:
     """Tail-biting codes of ``n`` blocks ``x`` (``(n, T)``): symbols ``(n, T)`` int32."""
     n, T = x.shape
-    m = L // k
+    m = symbols_per_state(k, L)
     w = min(tail_window(k, L), T)
     lanes = _lanes(L, n)
     pad = -n % lanes
@@ -157,8 +157,8 @@ def _encode_blocks(x: jax.Array, table: jax.Array, L: int, k: int) -> jax.Array:
     def chunk(xc):  # (T, lanes)
         around = jnp.concatenate([xc[T - w:], xc[:w]], axis=0)  # the wrap point in the middle
         sym = _viterbi(around, table, free, L, k)
-        # the top L - k bits of the state after the block's last value: its last m - 1 symbols
-        z = sum(sym[w - 1 - j] << ((m - 2 - j) * k) for j in range(m - 1))
+        # the top L - k bits of the state after the block's last value
+        z = _state(lambda j: sym[w - 1 - j], L, k) >> k
         return _viterbi(xc, table, z, L, k)
 
     out = jax.lax.map(chunk, xs)  # (chunks, T, lanes)
@@ -240,24 +240,31 @@ def encode(u: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
 
+def _state(symbol, L: int, k: int) -> jax.Array:
+    """The state whose newest symbol is ``symbol(0)``, older ones ``symbol(1), ...``: the last
+    ``L`` bits of the stream, the newest symbol in the high bits."""
+    m = symbols_per_state(k, L)
+    s = symbol(0) << ((m - 1) * k)
+    for j in range(1, m):
+        s = s | (symbol(j) << ((m - 1 - j) * k))
+    return s >> (m * k - L)
+
+
 def states(symbols: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
-    """The trellis state of every value from the symbols (``(rows, width)``): each value's last
-    ``L / k`` symbols, read cyclically within its block, the newest in the high bits."""
-    m = L // k
+    """The trellis state of every value from the symbols (``(rows, width)``): the last ``L`` bits
+    of the stream up to the value's symbol, read cyclically within its block."""
     out = []
     for start, nblk, ln in geo.parts():
         c = symbols[:, start:start + nblk * ln].reshape(geo.rows, nblk, ln)
-        s = c << ((m - 1) * k)
-        for j in range(1, m):
-            s = s | (jnp.roll(c, j, axis=-1) << ((m - 1 - j) * k))
+        s = _state(lambda j: jnp.roll(c, j, axis=-1), L, k)  # noqa: B023
         out.append(s.reshape(geo.rows, nblk * ln))
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
 
 def states_at(words: jax.Array, pos: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
     """The states at flat positions ``pos`` (int32, row-major in the coded rows), read from the
-    packed code stream alone: ``L / k`` symbols each, wrapping within the value's block."""
-    m = L // k
+    packed code stream alone: ``ceil(L / k)`` symbols each, wrapping within the value's
+    block."""
     row, i = pos // geo.width, pos % geo.width
     span = geo.r * (geo.t + 1)
     long_ = i < span
@@ -265,11 +272,7 @@ def states_at(words: jax.Array, pos: jax.Array, geo: Geometry, L: int, k: int) -
                       * geo.t)
     length = jnp.where(long_, geo.t + 1, geo.t)
     u, base = i - start, row * geo.width + start
-    s = jnp.zeros(pos.shape, jnp.int32)
-    for j in range(m):
-        sym = bitpack.take(words, k, base + jnp.remainder(u - j, length))
-        s = s | (sym << ((m - 1 - j) * k))
-    return s
+    return _state(lambda j: bitpack.take(words, k, base + jnp.remainder(u - j, length)), L, k)
 
 
 # --------------------------------------------------------------------------------- quantiser
