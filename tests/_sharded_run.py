@@ -45,7 +45,9 @@ def main():
             "codes_equal": all(bool(np.array_equal(np.asarray(q[n].codes),
                                                    np.asarray(eager[n].codes))) for n in q),
             "deq_close": all(bool(np.allclose(np.asarray(d[n]),
-                                              np.asarray(eager[n].dequantize()), atol=1e-6))
+                                              np.asarray(eager[n].dequantize()), rtol=2.0**-10,
+                                              atol=1e-6))  # (a scale settled to 12 bits may
+                             # round one step apart when its sum's order differs)
                              for n in q),
             "codes_sharded": all(not q[n].codes.sharding.is_fully_replicated for n in q),
             "scale_sharded": all(not q[n].scale.sharding.is_fully_replicated for n in q),
