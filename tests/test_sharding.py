@@ -31,9 +31,12 @@ def test_eight_devices(result):
 def test_per_channel_and_group_specs_never_gather(result, case):
     r = result[case]
     assert r["codes_equal"] and r["deq_close"]
-    # codes and per-row/group scales stay sharded like the weight; no collective anywhere
+    # codes and per-row/group scales stay sharded like the weight; nothing is ever gathered
+    # (a Scalar codebook shared by all rows may all-reduce a few statistics), and decoding
+    # needs no collective at all
     assert r["codes_sharded"] and r["scale_sharded"] and r["deq_sharding"]
-    assert r["quant_collectives"] == [] and r["deq_collectives"] == []
+    allowed = {"all-reduce"} if case.startswith("scalar") else set()
+    assert set(r["quant_collectives"]) <= allowed and r["deq_collectives"] == []
 
 
 def test_per_tensor_search_gathers_only_to_fit(result):
