@@ -56,6 +56,12 @@ def main():
             "deq_collectives": sorted({c for c in COLLECTIVES if c in dhlo}),
         }
         out[name] = res
+    # per-device memory of the default weight spec on the row-sharded 8192x1024 weight
+    big = {"layer": {"kernel": jax.device_put(
+        jax.random.normal(jax.random.key(2), (8192, 1024)) * 0.02, rows)}}
+    mem = jax.jit(lambda p: distq.quantize_tree(p, distq.Scalar(bits=4))[0]).lower(
+        big).compile().memory_analysis()
+    out["memory"] = {"temp": int(mem.temp_size_in_bytes), "shard": 8192 * 1024 * 4 // 8}
     print(json.dumps(out))
 
 

@@ -162,10 +162,13 @@ def test_mse_matches_lloyd_max_reference(bits):
     # relative MSE of an 8-bit Gaussian quantiser is ~4e-5, of a 1-bit one 1 - 2/pi
     if bits == 1:
         assert got / x.var() == pytest.approx(1 - 2 / np.pi, rel=5e-3)
-    # distq's refined codebook is itself a Lloyd-Max fixed point of the data
+    # distq's refined codebook is itself a Lloyd-Max fixed point of the data: up to 64 levels
+    # of the data's histogram (bins 2**-8 standard deviations wide, read as a piecewise-uniform
+    # density), whose optimum at 64 levels on 200k values lies ~1.2e-4 (measured) above the
+    # sample's own fixed point, which fits the sample's noise
     lv = _levels_in_data_units(q)
     polished = _nearest_error(zs, _lloyd_reference(zs, cs, lv, "mse", max_iter=200), "mse")
-    assert polished >= got * (1 - 1e-4)
+    assert polished >= got * (1 - (2e-4 if bits == 6 else 1e-4))
 
 
 def test_mae_matches_l1_lloyd_reference():
@@ -839,3 +842,126 @@ def test_hypothesis_decodes_to_nearest_level(shape, spec, data):
     best = dist.min(axis=-1)
     tol = 1e-5 * (np.abs(xr).astype(np.float64) + np.abs(scale)[:, None] + 1e-30)
     assert np.all(np.abs(xr - yr) <= best + tol)
+
+
+# ===================================================================== the fast paths
+# (internals of distq.core.scalar: the outliers' search, the host-side packing, the density
+# fit, each against an independent reference)
+from distq.core import _numerics as nx  # noqa: E402
+from distq.core import qarray as qa  # noqa: E402
+from distq.core import scalar as sc  # noqa: E402
+
+_OUTLIER_SPEC = distq.Scalar(bits=4, axis=0, outliers=0.01, scale_dtype="float32")
+
+
+@pytest.mark.parametrize("kind", ["t3", "ties", "constant"])
+def test_outlier_search_paths_agree_with_top_k(kind):
+    # beyond 2**16 values the outliers are found by counting (on the host outside a trace,
+    # in the computation under one); both must give lax.top_k's answer, order included
+    rng = np.random.default_rng(7)
+    shape = (257, 300)
+    if kind == "t3":
+        x = rng.standard_t(3, shape).astype(np.float32)
+    elif kind == "ties":  # more values share the threshold's distance than the search takes
+        x = np.where(rng.random(shape) < 0.995, 0.0, rng.standard_normal(shape))
+        x = x.astype(np.float32)
+    else:
+        x = np.full(shape, 2.5, np.float32)
+    k = _OUTLIER_SPEC.n_outliers(x.size)
+    stats, _ = sc._stats_jit(jnp.asarray(x), _OUTLIER_SPEC, True)
+    rows = sc._rows_of(jnp.asarray(x), _OUTLIER_SPEC)
+    ku, cu, su = stats[0], stats[2], stats[5]
+    ref = np.asarray(jax.lax.top_k(sc._dev(rows, ku, cu, su), k)[1])
+    host = np.asarray(sc._outliers_host(jnp.asarray(x), _OUTLIER_SPEC, stats, k))
+    lean = np.asarray(jax.jit(lambda r: sc._outliers(r, ku, cu, su, k, lean=True))(rows))
+    np.testing.assert_array_equal(host, ref)
+    np.testing.assert_array_equal(lean, ref)
+    # ... and the reference is right: the k largest distances (NumPy, float64; distq's centre
+    # and scale are rounded, so values at nearly the same distance may trade places)
+    if kind == "t3":
+        x64 = x.astype(np.float64)
+        d = (np.abs(x64 - x64.mean(axis=1, keepdims=True)) / x64.std(axis=1, keepdims=True))
+        d = d.ravel()
+        assert d[ref].min() >= np.sort(d)[-k] * (1 - 2e-3)
+
+
+def test_outlier_search_under_jit_ranks_non_finite_values_last():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = np.nan
+    x[0, :5] = np.inf
+    spec = _OUTLIER_SPEC
+    q = jax.jit(distq.quantize, static_argnums=1)(jnp.asarray(x), spec)
+    pos = np.asarray(q.outlier_positions()).astype(np.int64)
+    fin = np.isfinite(x).ravel()
+    assert np.all(fin[pos]) and len(set(pos.tolist())) == pos.size
+    xf = np.where(np.isfinite(x), x, np.nan).astype(np.float64)
+    centre, spread = np.nanmean(xf, axis=1, keepdims=True), np.nanstd(xf, axis=1, keepdims=True)
+    d = np.where(np.isfinite(x), np.abs(xf - centre) / spread, -1.0).ravel()
+    assert d[pos].min() >= np.sort(d)[-pos.size] * (1 - 2e-3)
+
+
+def test_host_position_packing_matches_qarray():
+    rng = np.random.default_rng(9)
+    for bits in (1, 7, 16, 17, 22, 31):
+        for k in (1, 33, 1000):
+            idx = rng.integers(0, 1 << bits, k).astype(np.uint32)
+            np.testing.assert_array_equal(sc._pack_positions_host(idx, bits),
+                                          np.asarray(qa.pack_positions(jnp.asarray(idx), bits)))
+
+
+def test_settled_statistics_are_exact_grid_roundings():
+    # spread to 12 significant bits, centre to a multiple of 2**-12 of it (NumPy, exact)
+    rng = np.random.default_rng(10)
+    spread = np.ldexp(rng.uniform(1, 2, 500), rng.integers(-40, 2, 500)).astype(np.float32)
+    centre = rng.uniform(-2, 2, 500).astype(np.float32)
+    c, s = (np.asarray(a) for a in jax.jit(sc._settled)(jnp.asarray(centre), jnp.asarray(spread)))
+    e = np.floor(np.log2(spread.astype(np.float64))) - 11
+    np.testing.assert_array_equal(s, (np.round(spread / 2.0 ** e) * 2.0 ** e).astype(np.float32))
+    np.testing.assert_array_equal(c, (np.round(centre / 2.0 ** e) * 2.0 ** e).astype(np.float32))
+
+
+def _density_reference(counts, t, lv, objective):
+    """Expected error of a piecewise-uniform density (float64, bin by bin and cell by cell)."""
+    e = nx.hist_edges().astype(np.float64)
+    a, b = e[:-1], e[1:]
+    m = counts.astype(np.float64) / counts.sum()
+    lo = np.concatenate([[-np.inf], t])
+    hi = np.concatenate([t, [np.inf]])
+    total = 0.0
+    for j, l in enumerate(lv.astype(np.float64)):
+        x0, x1 = np.maximum(a, lo[j]), np.minimum(b, hi[j])
+        ok = (x1 > x0) & (m > 0)
+        x0, x1, dens = x0[ok], x1[ok], (m / (b - a))[ok]
+        if objective == "mse":
+            total += np.sum(dens * ((x1 - l) ** 3 - (x0 - l) ** 3) / 3)
+        else:
+            f = lambda u: np.sign(u - l) * (u - l) ** 2 / 2  # noqa: E731
+            total += np.sum(dens * (f(x1) - f(x0)))
+    return total
+
+
+@pytest.mark.parametrize("objective", ["mse", "mae"])
+def test_density_errors_match_numpy_integration(objective):
+    rng = np.random.default_rng(11)
+    z = np.concatenate([rng.standard_normal(20000), rng.standard_t(2, 500) * 5])
+    counts = np.bincount(np.asarray(nx.hist_bin(jnp.asarray(z, jnp.float32))),
+                         minlength=nx.HIST_BINS)
+    d = nx.Density.build(jnp.asarray(counts, jnp.int32))
+    for n in (2, 7, 16):
+        lv = np.sort(rng.uniform(-3, 3, n)).astype(np.float32)
+        t = (0.5 * (lv[1:] + lv[:-1])).astype(np.float32)
+        got = float(nx.density_errors(d, jnp.asarray(t), jnp.asarray(lv), objective))
+        assert got == pytest.approx(_density_reference(counts, t, lv, objective), rel=2e-5)
+
+
+def test_histogram_fit_compiles_once_for_many_shapes():
+    # stage 2 sees only a histogram of a fixed size and the fit's own fields: the leaves of a
+    # model (each shape with its own automatic outlier fraction) share one compilation
+    spec = distq.Scalar(bits=3, p=1)
+    tree = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), s)}
+            for i, s in enumerate([(64, 96), (96, 80), (128, 40)])}
+    before = sc._fit_jit._cache_size()
+    _, report = distq.quantize_tree(tree, spec)
+    assert len({r.spec for r in report.quantized()}) == 3  # three resolved specs
+    assert sc._fit_jit._cache_size() == before + 1

@@ -42,6 +42,15 @@ def test_per_channel_and_group_specs_never_gather(result, case):
 def test_per_tensor_search_gathers_only_to_fit(result):
     r = result["scalar_default"]
     assert r["codes_equal"] and r["deq_close"]
-    # one codebook for the whole tensor needs the sorted sample (a gather) to fit it, but the
-    # codes stay sharded and decoding needs no communication
+    # one codebook for the whole tensor is fitted to a histogram of a sample (an all-reduce
+    # of its integer counts: the same codebook and codes as on one device); the codes stay
+    # sharded and decoding needs no communication
     assert r["codes_sharded"] and r["deq_sharding"] and r["deq_collectives"] == []
+
+
+def test_default_spec_keeps_each_device_within_twice_its_shard(result):
+    # the codebook is fitted to an all-reduced histogram of a sample and the outliers are
+    # found by counting: no device holds a gathered tensor or a tensor-sized temporary
+    # (before: 472 MiB for a 4 MiB shard)
+    m = result["memory"]
+    assert m["temp"] <= 2 * m["shard"], m

@@ -105,8 +105,8 @@ def test_two_pass_tail_biting_is_near_the_best_cyclic_stream():
 @pytest.mark.parametrize("shape,axis,L", [((50, 7), 1, 12), ((1003,), None, 9),
                                          ((3, 9, 40), 2, 12)])
 def test_state_decoders_agree_with_a_numpy_reference(shape, axis, L):
-    spec = distq.VQ(bits=2, block=24, state_bits=L, input_axis=axis,
-                    input_scales=None).resolve(shape)
+    spec = distq.VQ(bits=2, block=24, state_bits=L, input_axis=axis, input_scales=None,
+                    boost=0.0).resolve(shape)
     geo = V.geometry(shape, spec)
     assert geo.rows * geo.width == math.prod(shape) and geo.nb * geo.t + geo.r == geo.width
     rng = np.random.default_rng(0)
@@ -148,7 +148,9 @@ def test_nbytes_counts_everything_stored(role, shape):
     assert q.nbytes == spec.nbytes(shape)
     n = math.prod(shape)
     size = lambda a: 0 if a is None else math.prod(a.shape) * np.dtype(a.dtype).itemsize  # noqa: E731
-    stored = 4 * math.ceil(n * 3 / 32) + size(q.scale) + size(q.in_scale) + size(q.seed)
+    hi = q.boost_rows * n // (1 if spec.input_axis is None else shape[spec.input_axis])
+    codes = 4 * math.ceil((n - hi) * 3 / 32) + 4 * math.ceil(hi * 4 / 32)  # boosted: 4 bits
+    stored = codes + size(q.scale) + size(q.in_scale) + size(q.seed)
     assert q.nbytes == stored
     if role is not None:
         assert q.bits_per_value <= 3 + 3 / 16 + 1e-9  # the automatic budget
@@ -163,6 +165,7 @@ def test_weights_get_rotation_and_scales_that_lower_the_error():
     weight = distq.quantize(w, distq.VQ(bits=2).resolve(w.shape, "weight"))
     assert weight.seed is not None and weight.scale.shape == (256,)
     assert weight.in_scale is not None and weight.in_scale.shape == (512,)
+    assert weight.boost_rows > 0 and weight.bits_per_value <= 2 + 2 / 16
     assert _rel(weight, w) < 0.8 * _rel(plain, w)
 
 
@@ -239,6 +242,7 @@ def test_magnitude_and_dtype_are_kept():
 def test_spec_validation_text_form_and_problems():
     assert distq.parse_spec("vq:3") == distq.VQ(bits=3)
     for spec in (distq.VQ(bits=4, state_bits=8, block=64), distq.VQ(bits=1, input_axis=None),
+                 distq.VQ(bits=3, boost=0.25, state_bits=9),
                  distq.VQ(bits=2, input_axis=0, scales="tensor", input_scales=0.75)):
         assert distq.parse_spec(distq.spec_str(spec)) == spec
     assert distq.spec_str(distq.VQ(bits=3, state_bits=15)) == "vq:3,state_bits=15"
@@ -250,6 +254,9 @@ def test_spec_validation_text_form_and_problems():
             distq.VQ(**bad)
     assert "needs at least 12 values" in distq.VQ(bits=1).problem((5,))
     assert "out of range" in distq.VQ(input_axis=3).problem((4, 4))
+    assert "state_bits >= 10" in distq.VQ(bits=4, state_bits=8, boost=0.1,
+                                          input_axis=1).problem((64, 64))
+    assert distq.VQ(bits=4, state_bits=8).resolve((64, 64), "weight").boost == 0.0
     with pytest.raises(ValueError, match="cannot take"):
         distq.quantize(np.ones(3, np.float32), distq.VQ(bits=2))
     assert default_state_bits(2) == 12
@@ -304,6 +311,10 @@ def test_ldlq_lowers_the_output_error_at_equal_bytes():
     e0 = calibrate.output_error(w, q0.dequantize(), h)
     e = calibrate.output_error(w, q.dequantize(), h)
     assert e < 0.6 * e0
+    assert 0 < q.boost_rows < 128 and (128 - q.boost_rows) % 4  # a group of 4 straddles them
+    q4 = V.quantize_ldlq(w, spec, h, axis=1, group=4)  # inputs coded 4 at a time
+    assert q4.nbytes == q0.nbytes
+    assert calibrate.output_error(w, q4.dequantize(), h) < 1.1 * e
     # the same through the tree, with the Gram matrix traced from apply_fn
     params = {"w": w}
     cal, rep = distq.quantize_tree(params, [("w", spec)],

@@ -262,7 +262,7 @@ def lloyd_sorted(
     fixed = jnp.zeros(init.shape, bool) if fixed is None else fixed
     span = jnp.maximum(init[-1] - init[0], jnp.finfo(dt).tiny)
 
-    def step(lv):
+    def step(lv, fixed):
         t = 0.5 * (lv[:-1] + lv[1:])
         b = cell_bounds(zs, t)
         b0, b1 = b[:-1], b[1:]
@@ -287,18 +287,21 @@ def lloyd_sorted(
             zs[jnp.clip(cand, 0, n_pts - 1)],
             new,
         )
-        return jnp.sort(new)
+        # (sorted with the flags: a level moved past a fixed one must not take its flag)
+        order = jnp.argsort(new)
+        return new[order], fixed[order]
 
     def cond(state):
-        _, it, delta = state
+        _, _, it, delta = state
         return (it < max_iter) & (delta > tol * span)
 
     def body(state):
-        lv, it, _ = state
-        new = step(lv)
-        return new, it + 1, jnp.max(jnp.abs(new - lv))
+        lv, fixed, it, _ = state
+        new, fixed = step(lv, fixed)
+        return new, fixed, it + 1, jnp.max(jnp.abs(new - lv))
 
-    lv, it, _ = lax.while_loop(cond, body, (init.astype(dt), jnp.int32(0), jnp.array(jnp.inf, dt)))
+    lv, _, it, _ = lax.while_loop(
+        cond, body, (init.astype(dt), fixed, jnp.int32(0), jnp.array(jnp.inf, dt)))
     return lv, it
 
 
@@ -494,7 +497,7 @@ def lloyd_density(
     span = jnp.maximum(init[-1] - init[0], jnp.finfo(dt).tiny)
     n = init.shape[0]
 
-    def step(lv):
+    def step(lv, fixed):
         t = 0.5 * (lv[:-1] + lv[1:])
         m, s1, _ = density_cells(d, t)
         below = jnp.cumsum(m) - m  # mass below each cell
@@ -511,16 +514,19 @@ def lloyd_density(
                              "compare_all")
         cand = jnp.where(q[1] != new[big], q[1], q[0])
         new = jnp.where(empty.any() & (jnp.arange(n) == jnp.argmax(empty)), cand, new)
-        return jnp.sort(new)
+        # (sorted with the flags: a level moved past a fixed one must not take its flag)
+        order = jnp.argsort(new)
+        return new[order], fixed[order]
 
     def cond(state):
-        _, it, delta = state
+        _, _, it, delta = state
         return (it < max_iter) & (delta > tol * span)
 
     def body(state):
-        lv, it, _ = state
-        new = step(lv)
-        return new, it + 1, jnp.max(jnp.abs(new - lv))
+        lv, fixed, it, _ = state
+        new, fixed = step(lv, fixed)
+        return new, fixed, it + 1, jnp.max(jnp.abs(new - lv))
 
-    lv, it, _ = lax.while_loop(cond, body, (init.astype(dt), jnp.int32(0), jnp.array(jnp.inf, dt)))
+    lv, _, it, _ = lax.while_loop(
+        cond, body, (init.astype(dt), fixed, jnp.int32(0), jnp.array(jnp.inf, dt)))
     return lv, it

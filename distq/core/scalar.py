@@ -9,11 +9,21 @@ The distributional pipeline (:class:`Scalar`), per tensor, channel or group of v
    ``robust``); each family maps them to its own location/scale (:mod:`distq.distributions`).
 2. Codebook from the prior: ``n`` levels ``G_p^{-1}((c + 1/2) / n)`` scaled by ``beta``.
 3. ``beta=None``: grid over the reference's 37 values, then a zoom on ``log beta``; ``dist=None``:
-   the same over every family. Both score all candidates on one sorted sample with prefix sums,
-   in one jitted computation, under the chosen ``objective``.
+   the same over every family. Both score all candidates on the same data with prefix sums,
+   in one jitted computation, under the chosen ``objective``. Up to 64 levels the data is a
+   fine histogram of (a sample of at most ``2**20`` of) the standardised values, read as a
+   piecewise-uniform density (:class:`distq.core._numerics.Density`); finer codebooks use the
+   sorted values themselves (at most ``fit_size``).
 4. ``refine=True``: Lloyd-Max iterations from the companding levels to the codebook that is
    optimal for the data at hand (centroids for "mse", medians for "mae").
 5. Encode every value to its nearest level (always in range), bit-pack the codes.
+
+Stages 1 and 3 (statistics, outliers and fitting data; encoding) are compiled per tensor
+shape, stage 2 (the search and Lloyd-Max) once per codebook configuration (see
+:func:`_fit_spec`) whatever the shape. Outside a trace they run as separate computations
+(with a few steps on the host, see :func:`_outliers_host`, :func:`_finish_eager`); under a
+caller's ``jit`` they are one, which keeps every pass over the values fused (no tensor-sized
+temporaries), so that a sharded tensor needs about its shard's memory per device.
 """
 
 from __future__ import annotations
@@ -633,7 +643,7 @@ def _use_hist(spec: Scalar) -> bool:
 
 
 _HIST_MAX_LEVELS = 64
-_HIST_SAMPLE = 1 << 18  # values binned at most (a strided sample of bigger tensors)
+_HIST_SAMPLE = 1 << 20  # values binned at most (a strided sample of bigger tensors)
 _HIST_WEIGHT = 2047  # largest integer weight of a value: 2047 * 2**20 sums within int32
 
 
@@ -988,8 +998,9 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, lean: bool = True):
 
 
 # The three stages are compiled separately: the expensive one (search + Lloyd-Max, stage 2)
-# sees only the padded sorted sample, so it compiles once per (spec, bucket) instead of once per
-# tensor shape. Inside a caller's jit they are inlined into one computation.
+# sees only a histogram of a fixed size (or, beyond 64 levels, the padded sorted sample), so it
+# compiles once per fit spec (and bucket) instead of once per tensor shape. Inside a caller's
+# jit they are inlined into one computation.
 _prepare_jit = jax.jit(_prepare_scalar, static_argnums=(1, 2))
 _fit_jit = jax.jit(_fit_codebook, static_argnums=(2, 3))
 _encode_jit = jax.jit(_encode_scalar, static_argnums=(1, 5))

@@ -93,6 +93,10 @@ class VQ:
         it fits the budget.
       scale_dtype: storage dtype of the scales; ``"auto"``: bfloat16 for channel scales,
         float32 for one scale per tensor.
+      boost: the fraction (0..1) of the rotated input channels coded with ``bits + 1`` bits
+        (the last ones, which calibrated rounding visits last and so cannot compensate); needs
+        ``input_axis``. ``"auto"``: what the budget leaves for a weight (see :meth:`resolve`),
+        0 for a plain array.
 
     Examples:
       >>> import jax, distq
@@ -118,6 +122,7 @@ class VQ:
     scales: str = AUTO
     input_scales: float | str | None = AUTO
     scale_dtype: str = AUTO
+    boost: float | str = AUTO
 
     def __post_init__(self):
         _checks.check_bits(self.bits, "bits", 1, MAX_BITS)
@@ -136,6 +141,8 @@ class VQ:
                 self.input_scales is not None):
             _checks.check_float(self.input_scales, "input_scales", 0.0, 2.0, lo_open=True)
         _checks.check_choice(self.scale_dtype, "scale_dtype", (AUTO, *_SCALE_DTYPES))
+        if not (isinstance(self.boost, str) and self.boost == AUTO):
+            _checks.check_float(self.boost, "boost", 0.0, 1.0)
 
     @property
     def L(self) -> int:  # noqa: N802 (the trellis literature's name)
@@ -165,7 +172,8 @@ class VQ:
         (bfloat16) spend at most ``bits / 16`` bits per value with the rotation's seed and the
         codes' last word, like the automatic budget of :class:`distq.Scalar`: one per output
         channel (index of the other axes) if they fit, else one float32 scale for the tensor,
-        then one per input channel if they fit too.
+        then one per input channel if they fit too; what is left codes the last input channels
+        with one more bit (``boost``).
         """
         ndim, size = len(shape), math.prod(shape)
         axis = self.input_axis
@@ -184,12 +192,23 @@ class VQ:
         input_scales = self.input_scales
         if input_scales == AUTO:
             input_scales = INPUT_POWER if weight and dt * shape[axis] <= budget else None
+        if weight and input_scales is not None:
+            budget -= dt * shape[axis]
         scale_dtype = self.scale_dtype
         if scale_dtype == AUTO:
             scale_dtype = ("bfloat16" if scales == "channel" or input_scales is not None
                            else "float32")
+        boost = self.boost
+        if boost == AUTO:
+            boost = 0.0
+            cols = size // shape[axis] if weight else 0
+            if (weight and self.L >= 2 * (self.bits + 1) and self.bits < MAX_BITS + 1
+                    and cols >= min_block(self.bits, self.L)):
+                rows = int(max(budget - 32, 0) // cols)  # each costs cols bits (+ a last word)
+                boost = min(rows, shape[axis]) / shape[axis]
         return dataclasses.replace(self, state_bits=self.L, input_axis=axis, scales=scales,
-                                   input_scales=input_scales, scale_dtype=scale_dtype)
+                                   input_scales=input_scales, scale_dtype=scale_dtype,
+                                   boost=boost)
 
     def problem(self, shape: tuple[int, ...]) -> str | None:
         """Why an array of ``shape`` cannot take this spec (or ``None``)."""
@@ -206,6 +225,11 @@ class VQ:
             return f"input_axis={axis} is out of range for an array of rank {len(shape)}"
         if spec.input_scales is not None and axis is None:
             return "input_scales needs an input_axis"
+        if spec.boost and axis is None:
+            return "boost needs an input_axis"
+        if spec.boost and spec.L < 2 * (spec.bits + 1):
+            return f"boost codes with {spec.bits + 1} bits: it needs state_bits >= " \
+                   f"{2 * (spec.bits + 1)}"
         return None
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
@@ -214,8 +238,22 @@ class VQ:
         spec = self.resolve(shape)
         item = 2 if spec.scale_dtype in ("bfloat16", "float16") else 4
         n_in = 0 if spec.input_scales is None else shape[spec.input_axis]
-        return (4 * -(-math.prod(shape) * spec.bits // 32) + item * (num_scales(spec, shape) + n_in)
-                + (4 if rotates(spec) else 0))
+        size, hi = math.prod(shape), boost_rows(spec, shape)
+        cols = size // (1 if spec.input_axis is None else shape[spec.input_axis])
+        codes = 4 * (-(-(size - hi * cols) * spec.bits // 32) + -(-hi * cols * (spec.bits + 1)
+                                                                    // 32))
+        return codes + item * (num_scales(spec, shape) + n_in) + (4 if rotates(spec) else 0)
+
+
+def boost_rows(spec: VQ, shape: tuple[int, ...]) -> int:
+    """Input channels (rows of the coded matrix, the last ones) that a resolved spec codes with
+    ``bits + 1`` bits: none unless the rows are long enough to be coded alone."""
+    if spec.input_axis is None or not spec.boost:
+        return 0
+    n_in = shape[spec.input_axis]
+    if math.prod(shape) // n_in < min_block(spec.bits, spec.L):
+        return 0
+    return min(n_in, int(spec.boost * n_in + 0.5))
 
 
 def rotates(spec: VQ) -> bool:
