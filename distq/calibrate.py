@@ -1,7 +1,8 @@
 """Calibrated quantisation: error-compensating rounding driven by the data a model sees.
 
 ``distq.quantize_tree(params, rules, calibration=(apply_fn, args))`` needs no model-specific
-hooks. distq traces ``apply_fn(params, *args)`` to a jaxpr and runs it with an interpreter that
+hooks. distq traces ``apply_fn(params, *args)`` to a jaxpr and runs it with the interpreter that
+quantised execution uses too (:mod:`distq._jaxpr`, :func:`distq.quantized_apply`), which
 follows each parameter leaf through transposes and type casts; wherever a matrix leaf meets an
 activation in a matrix product (``dot_general`` contracting one of the leaf's axes), it adds the
 activation's Gram matrix ``H = X^T X`` over that axis. Nested ``jit`` calls and custom-derivative
@@ -67,9 +68,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.extend import core as jcore
 
+from ._jaxpr import ALL_CALLS, Interpreter, Tracked
 from .core import _checks
 from .core import _numerics as nx
 from .core import bitpack
@@ -135,24 +135,6 @@ class Calibration:
 
 
 # ------------------------------------------------------------------------------ jaxpr tracing
-_CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr", "remat", "checkpoint", "custom_lin")
-
-
-def _sub_jaxpr(eqn):
-    """The (closed) jaxpr a call-like equation runs on its own operands, if any."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        j = eqn.params.get(key)
-        if hasattr(j, "jaxpr") or hasattr(j, "eqns"):
-            return j
-    return None
-
-
-def _bind(eqn, invals):
-    """Applies an equation's primitive (custom-derivative primitives need their bind params)."""
-    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-
-
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -183,112 +165,58 @@ def gram(x: jax.Array, axis: int, weight: jax.Array | None = None,
     return jnp.matmul((x * t[:, None]).T, x, precision=_HI)
 
 
-class _Interpreter:
-    """Evaluates a jaxpr, collecting the Gram matrix of the input of each tracked matrix."""
+class _GramRule:
+    """The ``dot_general`` rule of calibration's :class:`distq._jaxpr.Interpreter`.
 
-    def __init__(self, n_leaves: int, wanted: Sequence[bool], on_meet: Callable | None = None,
-                 relative: bool = True):
-        self.wanted = wanted
+    Wherever a tracked matrix leaf (the :class:`~distq._jaxpr.Tracked` value's ``source`` is its
+    index) meets an untracked activation in a matrix product contracting one axis, it adds the
+    activation's Gram matrix over that axis to ``grams[(leaf, axis of the leaf)]``. In sequential
+    mode (``on_meet(leaf, axis, H) -> dequantised leaf``) it quantises the leaf at its first use
+    instead and the product (and every later use) sees the quantised value.
+    """
+
+    def __init__(self, leaves: Sequence[jax.Array], relative: bool = True,
+                 on_meet: Callable | None = None):
+        self.leaves = list(leaves)
         self.relative = relative
-        self.grams: dict[tuple[int, int], jax.Array] = {}
-        self.count: dict[tuple[int, int], int] = {}
-        # sequential mode: on_meet(leaf, axis, H) -> dequantised leaf, used from then on
         self.on_meet = on_meet
-        self.replaced: dict[int, jax.Array] = {}
+        self.grams: dict[tuple[int, int], jax.Array] = {}
+        self.replaced: dict[int, jax.Array | None] = {}
 
-    def run(self, jaxpr, consts, args, tags):
-        env: dict[Any, Any] = {}
-        tag: dict[Any, tuple[int, tuple[int, ...]]] = {}
+    def value(self, t: Tracked) -> jax.Array:
+        """What a tracked leaf stands for: the float leaf, or its quantised replacement."""
+        leaf = self.leaves[t.source]
+        new = self.replaced.get(t.source)
+        return t.apply(leaf if new is None else new.astype(leaf.dtype))
 
-        def read(v):
-            return v.val if isinstance(v, jcore.Literal) else env[v]
-
-        for v, c in zip(jaxpr.constvars, consts):
-            env[v] = c
-        for v, a, t in zip(jaxpr.invars, args, tags):
-            env[v] = a
-            if t is not None:
-                tag[v] = t
-        for eqn in jaxpr.eqns:
-            invals = [read(v) for v in eqn.invars]
-            intags = [None if isinstance(v, jcore.Literal) else tag.get(v) for v in eqn.invars]
-            name = eqn.primitive.name
-            sub = _sub_jaxpr(eqn) if name in _CALLS else None
-            if sub is not None and any(t is not None for t in intags):
-                closed = sub if hasattr(sub, "jaxpr") else None
-                inner = closed.jaxpr if closed is not None else sub
-                inner_consts = closed.consts if closed is not None else []
-                n_extra = len(inner.invars) - len(invals)
-                if n_extra == 0:
-                    outs, outtags = self.run(inner, inner_consts, invals, intags)
-                else:  # unexpected calling convention: evaluate without looking inside
-                    outs, outtags = _bind(eqn, invals), None
-            else:
-                if name == "dot_general":
-                    invals = self._dot(eqn, invals, intags)
-                outs = _bind(eqn, invals)
-                outtags = self._propagate(eqn, intags)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-            for i, (v, o) in enumerate(zip(eqn.outvars, outs)):
-                if type(v).__name__ == "DropVar":
-                    continue
-                env[v] = o
-                if outtags is not None and outtags[i] is not None:
-                    tag[v] = outtags[i]
-        outs = [read(v) for v in jaxpr.outvars]
-        outtags = [None if isinstance(v, jcore.Literal) else tag.get(v) for v in jaxpr.outvars]
-        return outs, outtags
-
-    @staticmethod
-    def _propagate(eqn, intags):
-        name = eqn.primitive.name
-        t = intags[0] if intags else None
-        if t is None:
-            return None
-        if name in ("convert_element_type", "copy", "copy_p", "reduce_precision",
-                    "optimization_barrier"):
-            return [t] + [None] * (len(eqn.outvars) - 1)
-        if name == "transpose":
-            leaf, perm = t
-            p = eqn.params["permutation"]
-            return [(leaf, tuple(perm[i] for i in p))]
-        return None
-
-    def _dot(self, eqn, invals, intags):
+    def __call__(self, interp: Interpreter, eqn, invals: list) -> None:
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         if lb or rb or len(lc) != 1:
-            return invals
-        invals = list(invals)
+            return None
         for side in (0, 1):
-            t = intags[side]
-            if t is None or intags[1 - side] is not None:
+            t, act = invals[side], invals[1 - side]
+            if not isinstance(t, Tracked) or isinstance(act, Tracked) or t.ndim != 2:
                 continue
-            leaf, perm = t
-            if not self.wanted[leaf] or invals[side].ndim != 2:
-                continue
-            c_param = (lc, rc)[side][0]
-            c_act = (lc, rc)[1 - side][0]
-            key = (leaf, perm[c_param])
-            if self.relative:
-                def h_of(act, w=invals[side], c_param=c_param, c_act=c_act):
-                    return gram(act, c_act, w, c_param)
-            else:
-                def h_of(act, c_act=c_act):
-                    return gram(act, c_act)
+            c_param, c_act = (lc, rc)[side][0], (lc, rc)[1 - side][0]
+            key = (t.source, t.perm[c_param])
             if self.on_meet is not None:
-                if leaf not in self.replaced:
-                    h = h_of(invals[1 - side])
-                    self.replaced[leaf] = self.on_meet(leaf, perm[c_param], h)
-                if self.replaced[leaf] is not None:
-                    invals[side] = jnp.transpose(self.replaced[leaf], perm).astype(
-                        invals[side].dtype)
+                if t.source not in self.replaced:
+                    h = self._gram(act, c_act, interp.materialize(t), c_param)
+                    self.replaced[t.source] = self.on_meet(t.source, key[1], h)
                 continue
-            g = h_of(invals[1 - side])
+            g = self._gram(act, c_act, interp.materialize(t), c_param)
             self.grams[key] = self.grams[key] + g if key in self.grams else g
-            n = int(np.prod(invals[1 - side].shape)) // invals[1 - side].shape[c_act]
-            self.count[key] = self.count.get(key, 0) + n
-        return invals
+        return None  # the product itself: materialise (float or quantised) and bind
+
+    def _gram(self, act, c_act, w, c_param):
+        return gram(act, c_act, w, c_param) if self.relative else gram(act, c_act)
+
+    def run(self, closed, leaves: Sequence[jax.Array], wanted: Sequence[bool],
+            flat_args: Sequence[Any]) -> None:
+        """Evaluates the traced ``apply_fn`` with the wanted leaves tracked."""
+        interp = Interpreter(self.value, rules={"dot_general": self}, calls=ALL_CALLS)
+        ins = [Tracked.of(i, x) if w else x for i, (x, w) in enumerate(zip(leaves, wanted))]
+        interp.run(closed.jaxpr, closed.consts, ins + list(flat_args))
 
 
 def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
@@ -320,18 +248,13 @@ def collect(params, calibration, paths: Sequence[str], wanted: Sequence[bool],
     leaves, args, closed = _flat_trace(params, calibration)
     if len(leaves) != len(paths):
         raise ValueError("calibration: parameter tree changed while quantising")
-    n_args = len(jax.tree_util.tree_leaves(args))
     wanted = [bool(w) and getattr(x, "ndim", 0) == 2 for w, x in zip(wanted, leaves)]
 
     @jax.jit
     def grams(leaves, args):
-        interp = _Interpreter(len(leaves), wanted,
-                              relative=(options or Calibration()).weighting == "relative")
-        tags = [(i, (0, 1)) if wanted[i] else None for i in range(len(leaves))]
-        flat_args = jax.tree_util.tree_leaves(args)
-        interp.run(closed.jaxpr, closed.consts, list(leaves) + flat_args,
-                   tags + [None] * n_args)
-        return interp.grams
+        rule = _GramRule(leaves, relative=(options or Calibration()).weighting == "relative")
+        rule.run(closed, leaves, wanted, jax.tree_util.tree_leaves(args))
+        return rule.grams
 
     found = grams(leaves, tuple(args))
     axes: dict[int, list[int]] = {}
@@ -378,11 +301,8 @@ def quantize_sequential(params, calibration, paths: Sequence[str], specs: Sequen
         done[paths[leaf]] = q
         return q.dequantize(jnp.float32) if hasattr(q, "dequantize") else None
 
-    interp = _Interpreter(len(leaves), wanted, on_meet, relative=opts.weighting == "relative")
-    tags = [(i, (0, 1)) if wanted[i] else None for i in range(len(leaves))]
-    flat_args = jax.tree_util.tree_leaves(args)
-    interp.run(closed.jaxpr, closed.consts, list(leaves) + flat_args,
-               tags + [None] * len(flat_args))
+    rule = _GramRule(leaves, relative=opts.weighting == "relative", on_meet=on_meet)
+    rule.run(closed, leaves, wanted, jax.tree_util.tree_leaves(args))
     return done
 
 
