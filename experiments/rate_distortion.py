@@ -146,7 +146,10 @@ def coded_bits(codes: np.ndarray) -> float | None:
         from distq.core import entropy as E  # noqa: PLC0415
     except ImportError:
         return None
-    blob = E.encode(codes)
+    width = max(1, int(codes.max()).bit_length())
+    if width > 16:
+        return None
+    blob = E.encode(codes, bits=width)
     return 8.0 * len(blob) / codes.size
 
 

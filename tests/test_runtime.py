@@ -79,6 +79,19 @@ def test_equals_dequantize_tree(model, tile_bytes):
     _close(got, want)
 
 
+# the newer leaf types run through the same path: VQ (trellis codes; rows decoded alone by a
+# gather) and Rotated (decoded then rotated back)
+@pytest.mark.parametrize("spec", [distq.VQ(bits=3), distq.Rotated(_scalar(4, axis=1))],
+                         ids=["vq", "rotated"])
+def test_vq_and_rotated_leaves(spec):
+    p = _params(3)
+    rules = [("emb|w1|w2/weight", spec), (".*", None)]
+    q, _ = distq.quantize_tree(p, rules, errors=False)
+    ids = jnp.asarray(np.random.default_rng(8).integers(0, 300, size=(2, 7)), jnp.int32)
+    want = _apply(distq.dequantize_tree(q), ids)
+    _close(jax.jit(distq.quantized_apply(_apply, tile_bytes=2048))(q, ids), want)
+
+
 def test_runs_without_jit(model):
     q, ids = model
 
