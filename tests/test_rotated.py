@@ -231,6 +231,7 @@ def test_rotated_text_form_and_validation():
     for bad, msg in [("rotated", "wraps a spec"), ("nf4(scalar:4)", "no inner spec"),
                      ("rotated(none)", "needs an inner spec"),
                      ("rotated(rotated(nf4))", "another Rotated"),
+                     ("rotated(vq:3)", "rotates on its own"),
                      ("rotated(nf4),seed=-1", "seed"), ("rotated(nf4),axis=x", "axis")]:
         with pytest.raises(ValueError, match=msg):
             distq.parse_spec(bad)

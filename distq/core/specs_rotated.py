@@ -72,6 +72,9 @@ class Rotated:
             raise TypeError("Rotated needs an inner spec, got None")
         if isinstance(self.spec, Rotated):
             raise TypeError("Rotated cannot wrap another Rotated (one rotation per array)")
+        if getattr(type(self.spec), "rotates_itself", False):
+            raise TypeError(f"Rotated cannot wrap {type(self.spec).__name__}: it rotates on its "
+                            "own (give it input_axis=, e.g. VQ(bits=3, input_axis=-1))")
         if not (isinstance(self.axis, str) and self.axis == AUTO):
             if isinstance(self.axis, (bool, np.bool_)) or not isinstance(self.axis,
                                                                          (int, np.integer)):
