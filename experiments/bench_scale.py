@@ -1,8 +1,8 @@
 """Speed at model scale: ``quantize_tree`` on a 50M-parameter transformer-shaped tree.
 
-Run: ``.venv/bin/python experiments/bench_scale.py [--quick] [--no-speed] [--calibrated]
-[--memory] [--tensor] [--streaming] [--multiprocess]``. Writes ``experiments/out/bench_scale.md``
-and prints the same tables.
+Run: ``.venv/bin/python experiments/bench_scale.py [--quick] [--no-speed] [--first-runs N]
+[--calibrated] [--memory] [--tensor] [--streaming] [--multiprocess]``. Writes
+``experiments/out/bench_scale.md`` and prints the same tables.
 
 Sections (each optional):
 
@@ -132,13 +132,13 @@ def stats(ts: list[float]) -> tuple[float, float]:
     return s[0], s[len(s) // 2]
 
 
-def speed_section(names: list[str], rounds: int, emit) -> None:
+def speed_section(names: list[str], rounds: int, emit, first_runs: int = 2) -> None:
     import jax
 
-    # first calls, each in its own process; twice (interleaved) for an idea of the noise
+    # first calls, each in its own process; several times (interleaved) for an idea of the noise
     first = {n: [] for n in names}
     quality = {}
-    for _ in range(2):
+    for _ in range(first_runs):
         for n in names:
             r = run_child(["--child-first", n])
             first[n].append(r["first"])
@@ -156,7 +156,7 @@ def speed_section(names: list[str], rounds: int, emit) -> None:
             comp[n].append(time.perf_counter() - t)
     ref = "NF4()"
     emit("### 50M-parameter tree (4 layers, d=1024, FFN 4096), `quantize_tree(tree, spec)`\n")
-    emit(f"First call: a fresh process per spec, 2 runs each, interleaved. Compiled: "
+    emit(f"First call: a fresh process per spec, {first_runs} runs each, interleaved. Compiled: "
          f"{rounds} rounds, all specs interleaved in one process. Ratios to NF4 best/best "
          "and median/median. Report errors computed for every leaf (included in the times).\n")
     emit("| spec | first call s (best, median) | x NF4 | compiled s (best, median) | x NF4 "
@@ -289,6 +289,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 specs, 3 compiled rounds")
     ap.add_argument("--no-speed", action="store_true", help="skip the tree speed table")
+    ap.add_argument("--first-runs", type=int, default=2,
+                    help="fresh processes per spec for the first call (default 2)")
     ap.add_argument("--tensor", action="store_true", help="one-tensor timings, new shapes")
     ap.add_argument("--calibrated", action="store_true", help="calibrated quantize_tree")
     ap.add_argument("--memory", action="store_true", help="per-device memory, 8 devices")
@@ -315,7 +317,8 @@ def main() -> None:
     emit(f"# bench_scale ({jax.default_backend()}, {os.cpu_count()} CPUs, load average "
          f"{os.getloadavg()[0]:.1f} at start)\n")
     if not args.no_speed:
-        speed_section(QUICK if args.quick else list(SPECS), 3 if args.quick else 5, emit)
+        speed_section(QUICK if args.quick else list(SPECS), 3 if args.quick else 5, emit,
+                      args.first_runs)
     if args.tensor:
         tensor_section(emit)
     if args.calibrated:

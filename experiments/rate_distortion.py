@@ -220,7 +220,8 @@ def main() -> None:
             add("VQ", k, mse, bits, seconds=sec)
             if name != "gaussian":
                 # VQ rotates on its own (along input_axis), one scale for the whole array
-                rvq = distq.VQ(bits=k, input_axis=1, scales="tensor", input_scales=None, boost=0.0)
+                rvq = distq.VQ(bits=k, input_axis=1, scales="tensor", input_scales=None,
+                               boost=0.0)
                 mse, bits, sec = run_distq(mat, rvq, key)
                 add("Rotated VQ", k, mse, bits, seconds=sec)
         results["sources"][name] = {"h_bits": entropy_bits(name), "rows": rows}

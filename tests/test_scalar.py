@@ -965,3 +965,20 @@ def test_histogram_fit_compiles_once_for_many_shapes():
     _, report = distq.quantize_tree(tree, spec)
     assert len({r.spec for r in report.quantized()}) == 3  # three resolved specs
     assert sc._fit_jit._cache_size() == before + 1
+
+
+def test_cpu_compile_options_give_the_portable_result(monkeypatch):
+    # outside a trace on CPU the stages are compiled with _CPU_COMPILE_OPTIONS (faster to
+    # compile); XLA's defaults elsewhere: both must give the same QArray, bit for bit (every
+    # stage: statistics, the outliers' search on the host, fit, encoding, packing)
+    spec = distq.Scalar(bits=3, dist="gaussian", p=2, beta=1.0, refine=False, axis=0, outliers=0.01,
+                        scale_dtype="float32")
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_t(4, (257, 300)).astype(np.float32))
+    assert sc._fit_jit.pick() is sc._fit_jit.cpu  # (these tests run on CPU)
+    fast = distq.quantize(x, spec)
+    monkeypatch.setattr(sc._StageJit, "pick", lambda self: self.portable)
+    portable = distq.quantize(x, spec)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(portable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert fast.n_outliers == portable.n_outliers == spec.n_outliers(x.size)

@@ -29,7 +29,6 @@ temporaries), so that a sharded tensor needs about its shard's memory per device
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, ClassVar, NamedTuple, Union
 
@@ -862,18 +861,47 @@ def _rows_of(x, spec):
     return layout_for(spec, x.shape).to_rows(jnp.asarray(x).astype(jnp.float32))
 
 
-@jax.jit
-def _words_at(rows, ku, centre_u, safe_u, t):
+# ------------------------------------------------------------- compiling the eager stages
+# XLA:CPU's fusion emitters (its default) take about 1.5x as long to compile these stages as
+# its loop emitters, which run them as fast (the search and Lloyd-Max, the statistics, the
+# encoding, the outliers' passes; not the fitting data's histograms, which they run ~5x
+# slower, see :data:`_fit_data_jit`). A new model's first call is mostly compilation (three
+# stages per tensor shape), so outside a trace on CPU the stages are compiled with
+# ``_CPU_COMPILE_OPTIONS``; elsewhere with XLA's defaults (under a caller's jit both are
+# inlined into its computation, compiled with its options).
+_CPU_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+class _StageJit:
+    """``jax.jit(fn, static_argnums)``, compiled with :data:`_CPU_COMPILE_OPTIONS` when the
+    default backend is the CPU (``cpu``) and with XLA's defaults otherwise (``portable``);
+    under a caller's trace always the latter (JAX takes compiler options at the top level only).
+    """
+
+    def __init__(self, fn, static_argnums=()):
+        self.portable = jax.jit(fn, static_argnums=static_argnums)
+        self.cpu = jax.jit(fn, static_argnums=static_argnums,
+                           compiler_options=_CPU_COMPILE_OPTIONS)
+
+    def pick(self):
+        return self.cpu if jax.default_backend() == "cpu" else self.portable
+
+    def __call__(self, *args):
+        traced = not all(_checks.is_concrete(a) for a in jax.tree_util.tree_leaves(args))
+        return (self.portable if traced else self.pick())(*args)
+
+    def _cache_size(self) -> int:
+        return self.pick()._cache_size()
+
+
+def _words_at_fn(rows, ku, centre_u, safe_u, t):
     """The bit mask (see :func:`_bit_words`) of the values whose distance key is ``>= t``."""
     return _bit_words(_dev_key(_dev(rows, ku, centre_u, safe_u)) >= t)
 
 
-@functools.partial(jax.jit, static_argnums=6)
-def _rank_at(rows, ku, centre_u, safe_u, pos, filled, k):
-    return _outlier_rank(rows, ku, centre_u, safe_u, pos, filled, k)
-
-
-_sample_at = jax.jit(_dev_sample)
+_words_at = _StageJit(_words_at_fn)
+_rank_at = _StageJit(_outlier_rank, (6,))
+_sample_at = _StageJit(_dev_sample)
 
 
 def _outliers_host(x, spec: Scalar, stats, k: int):
@@ -1002,8 +1030,8 @@ def _encode_scalar(x, spec: Scalar, stats, codebook, use_a, lean: bool = True):
 # compiles once per fit spec (and bucket) instead of once per tensor shape. Inside a caller's
 # jit they are inlined into one computation.
 _prepare_jit = jax.jit(_prepare_scalar, static_argnums=(1, 2))
-_fit_jit = jax.jit(_fit_codebook, static_argnums=(2, 3))
-_encode_jit = jax.jit(_encode_scalar, static_argnums=(1, 5))
+_fit_jit = _StageJit(_fit_codebook, (2, 3))
+_encode_jit = _StageJit(_encode_scalar, (1, 5))
 
 
 def _fit_spec(spec: Scalar) -> Scalar:
@@ -1015,7 +1043,7 @@ def _fit_spec(spec: Scalar) -> Scalar:
         outliers=None, fit_size=Scalar.fit_size if _use_hist(spec) else spec.fit_size)
 
 
-_pack_jit = jax.jit(_pack, static_argnums=1)
+_pack_jit = _StageJit(_pack, (1,))
 
 
 def _pack_stream_host(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -1054,7 +1082,8 @@ def _finish_eager(q: QArray) -> QArray:
     return dataclasses.replace(q, outlier_index=jnp.asarray(idx), outlier_value=jnp.asarray(val))
 
 
-_stats_jit = jax.jit(_group_stats, static_argnums=(1, 2))
+_stats_jit = _StageJit(_group_stats, (1, 2))
+# (XLA's defaults: its fusion emitters run the histograms' scatter ~5x faster)
 _fit_data_jit = jax.jit(_fit_data, static_argnums=(1, 2))
 
 

@@ -18,6 +18,7 @@ from .specs import AUTO, INPUT_AXIS
 
 _SCALES = ("channel", "tensor")
 INPUT_POWER = 0.75  # the automatic input_scales exponent
+CODE_BUDGET = 0.25  # bits per weight beyond `bits` that the automatic boost may bring codes to
 _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 MAX_BITS = 4  # bits per value the trellis supports (2**bits branches per state)
 MAX_STATE_BITS = 16
@@ -95,8 +96,8 @@ class VQ:
         float32 for one scale per tensor.
       boost: the fraction (0..1) of the rotated input channels coded with ``bits + 1`` bits
         (the last ones, which calibrated rounding visits last and so cannot compensate); needs
-        ``input_axis``. ``"auto"``: what the budget leaves for a weight (see :meth:`resolve`),
-        0 for a plain array.
+        ``input_axis``. ``"auto"``: what the budget leaves for a weight, up to ``bits + 1/4``
+        bits per value in all (see :meth:`resolve`), 0 for a plain array.
 
     Examples:
       >>> import jax, distq
@@ -113,6 +114,7 @@ class VQ:
     kind: ClassVar[str] = "vq"
     positional: ClassVar[tuple[str, ...]] = ("bits",)
     randomized: ClassVar[bool] = True  # the rotation's signs come from the key
+    rotates_itself: ClassVar[bool] = True  # input_axis= rotates: distq.Rotated refuses it
 
     bits: int = 2
     state_bits: int | None = None
@@ -172,8 +174,18 @@ class VQ:
         (bfloat16) spend at most ``bits / 16`` bits per value with the rotation's seed and the
         codes' last word, like the automatic budget of :class:`distq.Scalar`: one per output
         channel (index of the other axes) if they fit, else one float32 scale for the tensor,
-        then one per input channel if they fit too; what is left codes the last input channels
-        with one more bit (``boost``).
+        then one per input channel if they fit too. Codes may spend more: the last input
+        channels get one more bit (``boost``), as many as bring the whole array to ``bits +
+        max(bits / 16, 1/4)`` bits per value (``CODE_BUDGET``; more bits where a fixed-rate code
+        gains most, the issue's MiniLM budget of ``k + 1/4``).
+
+        Examples:
+          >>> import distq
+          >>> spec = distq.VQ(bits=2).resolve((384, 1536), "weight")
+          >>> spec.input_axis, spec.scales, spec.input_scales, round(spec.boost, 3)
+          (1, 'channel', 0.75, 0.197)
+          >>> round(8 * spec.nbytes((384, 1536)) / (384 * 1536), 3)  # bits per weight
+          2.249
         """
         ndim, size = len(shape), math.prod(shape)
         axis = self.input_axis
@@ -204,6 +216,7 @@ class VQ:
             cols = size // shape[axis] if weight else 0
             if (weight and self.L >= 2 * (self.bits + 1) and self.bits < MAX_BITS + 1
                     and cols >= min_block(self.bits, self.L)):
+                budget += max(0.0, CODE_BUDGET - self.bits / 16) * size  # codes: to k + 1/4
                 rows = int(max(budget - 32, 0) // cols)  # each costs cols bits (+ a last word)
                 boost = min(rows, shape[axis]) / shape[axis]
         return dataclasses.replace(self, state_bits=self.L, input_axis=axis, scales=scales,
