@@ -30,7 +30,10 @@ import math
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from . import _checks
 
 
 @runtime_checkable
@@ -91,6 +94,37 @@ class LeafBase:
         """``self[0], self[1], ...`` along the first axis (batch members or decoded rows);
         defined so that Python never falls back to calling ``__getitem__`` without end."""
         return (self[i] for i in range(len(self)))
+
+    def checked_rows(self, rows: Any) -> jax.Array:
+        """``rows`` (row indices along the first axis, for ``take``) checked and made
+        non-negative int32: integers only, in range when concrete (negative ones count from the
+        end), of one unbatched array of rank >= 1."""
+        if self.batch_shape:
+            raise ValueError("take() reads rows of one array; index the batch first (q[i])")
+        if not self.value_shape:
+            raise ValueError("take() needs an array of rank >= 1")
+        rows = jnp.asarray(rows)
+        if not jnp.issubdtype(rows.dtype, jnp.integer):
+            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
+        n = self.value_shape[0]
+        if _checks.is_concrete(rows) and rows.size and (
+                int(rows.max()) >= n or int(rows.min()) < -n):
+            raise IndexError(f"row index out of range for {n} rows")
+        return jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
+
+    def __getitem__(self, idx) -> Any:
+        """Batch members of a leaf made under ``vmap`` (a leaf); decoded values otherwise.
+
+        Integer row indices decode only those rows (``take``); other indices decode the array
+        and index it.
+        """
+        if self.batch_shape:
+            return jax.tree_util.tree_map(lambda a: a[idx], self)
+        if isinstance(idx, (int, np.integer)) or (
+                hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)) or (
+                isinstance(idx, list) and all(isinstance(i, (int, np.integer)) for i in idx)):
+            return self.take(idx)
+        return self.dequantize()[idx]
 
 
 def arrays_nbytes(*arrays) -> int:

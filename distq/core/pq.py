@@ -304,14 +304,7 @@ class PQArray(LeafBase):
 
     def take(self, rows: Any, dtype: Any = None) -> jax.Array:
         """Decoded rows (an int or an integer array of row indices), reading only their codes."""
-        rows = jnp.asarray(rows)
-        if not jnp.issubdtype(rows.dtype, jnp.integer):
-            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
-        n = self.value_shape[0]
-        if _checks.is_concrete(rows) and rows.size and (
-                int(rows.max()) >= n or int(rows.min()) < -n):
-            raise IndexError(f"row index out of range for {n} rows")
-        rows = jnp.where(rows < 0, rows + n, rows).astype(jnp.int32)
+        rows = self.checked_rows(rows)
         dec = decode_codes(self.row_codes(rows.reshape(-1)), self.codebooks, self.rotation)
         return dec.reshape(rows.shape + (self.value_shape[1],)).astype(
             dtype or _output_dtype(self.dtype))

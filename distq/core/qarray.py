@@ -357,17 +357,8 @@ class QArray(LeafBase):
         ``q.take(i)`` equals ``q.dequantize()[i]`` for an int or an integer array ``i`` (negative
         indices count from the end), without decoding the other rows: an embedding lookup.
         """
-        if self.batch_shape:
-            raise ValueError("take() reads rows of one array; index the batch first (q[i])")
-        if not self.value_shape:
-            raise ValueError("take() needs an array of rank >= 1")
-        rows = jnp.asarray(rows)
-        if not jnp.issubdtype(rows.dtype, jnp.integer):
-            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
+        r = self.checked_rows(rows)
         n0, inner = self.value_shape[0], math.prod(self.value_shape[1:])
-        if _concrete(rows) and rows.size and (int(rows.max()) >= n0 or int(rows.min()) < -n0):
-            raise IndexError(f"row index out of range for {n0} rows")
-        r = jnp.where(rows < 0, rows + n0, rows).astype(jnp.int32)
         flat = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(
             (1,) * r.ndim + (inner,))  # indices in the original order
         # position of each value in the layout's (groups, group_len) row order
@@ -397,20 +388,6 @@ class QArray(LeafBase):
             out = out + self.loc.astype(jnp.float32)[group]
         return out.reshape(r.shape + tuple(self.value_shape[1:])).astype(
             dtype or output_dtype(self.dtype))
-
-    def __getitem__(self, idx) -> Any:
-        """Batch members of a batched QArray (a QArray); decoded values otherwise.
-
-        Integer row indices decode only those rows (:meth:`take`); other indices decode the
-        array and index it.
-        """
-        if self.batch_shape:
-            return jax.tree_util.tree_map(lambda a: a[idx], self)
-        if isinstance(idx, (int, np.integer)) or (
-                hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)) or (
-                isinstance(idx, list) and all(isinstance(i, (int, np.integer)) for i in idx)):
-            return self.take(idx)
-        return self.dequantize()[idx]
 
     def __repr__(self) -> str:
         return (
@@ -584,10 +561,6 @@ def outlier_values(z: jax.Array) -> jax.Array:
     """Standardised outlier values as stored: float16, clipped to its finite range."""
     f16 = float(jnp.finfo(jnp.float16).max)
     return jnp.clip(z, -f16, f16).astype(jnp.float16)
-
-
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _optional(a):

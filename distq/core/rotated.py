@@ -111,32 +111,12 @@ class RotatedArray(LeafBase):
         ``take``, then the inverse transform of those rows); a rotation along the rows mixes
         them, so every row is decoded first.
         """
-        if self.batch_shape:
-            raise ValueError("take() reads rows of one array; index the batch first (q[i])")
-        if not self.value_shape:
-            raise ValueError("take() needs an array of rank >= 1")
-        rows = jnp.asarray(rows)
-        if not jnp.issubdtype(rows.dtype, jnp.integer):
-            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
-        n0 = self.value_shape[0]
-        if _checks.is_concrete(rows) and rows.size and (
-                int(rows.max()) >= n0 or int(rows.min()) < -n0):
-            raise IndexError(f"row index out of range for {n0} rows")
+        rows = self.checked_rows(rows)
         out_dtype = dtype or output_dtype(self.dtype)
         if self.axis == 0:
             return self.dequantize(jnp.float32)[rows].astype(out_dtype)
         part = self.inner.take(rows).astype(jnp.float32)
         return hadamard.unrotate(part, self.seed, rows.ndim + self.axis - 1).astype(out_dtype)
-
-    def __getitem__(self, idx) -> Any:
-        """Batch members of a batched leaf; decoded values otherwise (rows by :meth:`take`)."""
-        if self.batch_shape:
-            return jax.tree_util.tree_map(lambda a: a[idx], self)
-        if isinstance(idx, (int, np.integer)) or (
-                hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)) or (
-                isinstance(idx, list) and all(isinstance(i, (int, np.integer)) for i in idx)):
-            return self.take(idx)
-        return self.dequantize()[idx]
 
     def __repr__(self) -> str:
         return (f"RotatedArray(shape={self.shape}, dtype={self.dtype}, axis={self.axis}, "
