@@ -7,6 +7,13 @@ the first axis, decoding only those), ``metadata()`` (JSON-able static data) and
 ``from_arrays(arrays, metadata)`` (validated rebuild, for checkpoints). Leaves made under
 ``jax.vmap`` carry the batch axes in front (``shape`` shows them).
 
+Optional, for quantised execution (:func:`distq.quantized_apply` tiles a large weight when its
+leaf has them): ``dequantize_slice(start, size, axis=0, dtype=None, *, align=1)``, the decoded
+values ``[start, start + size)`` along ``axis`` without decoding the rest (``start`` may be
+traced, ``size`` and ``align`` are static; ``align`` promises ``start`` is a multiple of it), and
+``slice_axes``, the axes it can slice cheaply (all when absent). A leaf without them is decoded
+whole where it is used; :class:`distq.QArray`, :class:`distq.PQArray` and the cast leaf have them.
+
 Examples:
   A leaf's flat state and back (what checkpoints and ``flax.serialization`` store):
 
