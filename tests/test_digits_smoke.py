@@ -1,23 +1,14 @@
 """Smoke test of experiments/digits_qat.py in its --quick mode (about two minutes: slow)."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
+
+import _experiments
 
 pytest.importorskip("sklearn")
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                     "digits_qat.py")
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("digits_qat", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["digits_qat"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _experiments.load("digits_qat")
 
 
 @pytest.mark.slow

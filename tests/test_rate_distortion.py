@@ -1,19 +1,13 @@
 """experiments/rate_distortion.py: its references and its NumPy quantisers (seconds)."""
 
-import importlib.util
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                     "rate_distortion.py")
-_spec = importlib.util.spec_from_file_location("rate_distortion", _PATH)
-rd = importlib.util.module_from_spec(_spec)
-sys.modules["rate_distortion"] = rd
-_spec.loader.exec_module(rd)
+import _experiments
+
+rd = _experiments.load("rate_distortion")
 
 
 def test_reference_curves():

@@ -1,20 +1,14 @@
 """Sanity checks of experiments/simulations.py in a tiny configuration (seconds, not minutes)."""
 
 import dataclasses
-import importlib.util
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                     "simulations.py")
-_spec = importlib.util.spec_from_file_location("simulations", _PATH)
-sim = importlib.util.module_from_spec(_spec)
-sys.modules["simulations"] = sim  # dataclasses and process pools look the module up by name
-_spec.loader.exec_module(sim)
+import _experiments
+
+sim = _experiments.load("simulations")
 
 TINY = dataclasses.replace(
     sim.FULL, m=1 << 15, reps=2, ks=tuple(range(1, 11)), mse_kmax=10,
