@@ -230,6 +230,31 @@ def range_errors(
     return jnp.sum(above + below)
 
 
+def _sorted_with_flags(levels, fixed):
+    """Levels sorted, their ``fixed`` flags with them (a level moved past a fixed one must not
+    take its flag)."""
+    order = jnp.argsort(levels)
+    return levels[order], fixed[order]
+
+
+def _iterate_levels(step, init, fixed, max_iter: int, tol):
+    """``(levels, iterations)``: ``levels, fixed = step(levels, fixed)`` until no level moves by
+    more than ``tol`` or after ``max_iter`` steps (the loop of both Lloyd-Max solvers)."""
+
+    def cond(state):
+        _, _, it, delta = state
+        return (it < max_iter) & (delta > tol)
+
+    def body(state):
+        lv, fixed, it, _ = state
+        new, fixed = step(lv, fixed)
+        return new, fixed, it + 1, jnp.max(jnp.abs(new - lv))
+
+    lv, _, it, _ = lax.while_loop(
+        cond, body, (init, fixed, jnp.int32(0), jnp.array(jnp.inf, init.dtype)))
+    return lv, it
+
+
 def lloyd_sorted(
     zs: jax.Array,
     init: jax.Array,
@@ -287,22 +312,9 @@ def lloyd_sorted(
             zs[jnp.clip(cand, 0, n_pts - 1)],
             new,
         )
-        # (sorted with the flags: a level moved past a fixed one must not take its flag)
-        order = jnp.argsort(new)
-        return new[order], fixed[order]
+        return _sorted_with_flags(new, fixed)
 
-    def cond(state):
-        _, _, it, delta = state
-        return (it < max_iter) & (delta > tol * span)
-
-    def body(state):
-        lv, fixed, it, _ = state
-        new, fixed = step(lv, fixed)
-        return new, fixed, it + 1, jnp.max(jnp.abs(new - lv))
-
-    lv, _, it, _ = lax.while_loop(
-        cond, body, (init.astype(dt), fixed, jnp.int32(0), jnp.array(jnp.inf, dt)))
-    return lv, it
+    return _iterate_levels(step, init.astype(dt), fixed, max_iter, tol * span)
 
 
 # ------------------------------------------------------------------------ histogram densities
@@ -514,19 +526,6 @@ def lloyd_density(
                              "compare_all")
         cand = jnp.where(q[1] != new[big], q[1], q[0])
         new = jnp.where(empty.any() & (jnp.arange(n) == jnp.argmax(empty)), cand, new)
-        # (sorted with the flags: a level moved past a fixed one must not take its flag)
-        order = jnp.argsort(new)
-        return new[order], fixed[order]
+        return _sorted_with_flags(new, fixed)
 
-    def cond(state):
-        _, _, it, delta = state
-        return (it < max_iter) & (delta > tol * span)
-
-    def body(state):
-        lv, fixed, it, _ = state
-        new, fixed = step(lv, fixed)
-        return new, fixed, it + 1, jnp.max(jnp.abs(new - lv))
-
-    lv, _, it, _ = lax.while_loop(
-        cond, body, (init.astype(dt), fixed, jnp.int32(0), jnp.array(jnp.inf, dt)))
-    return lv, it
+    return _iterate_levels(step, init.astype(dt), fixed, max_iter, tol * span)
