@@ -382,17 +382,6 @@ def _round_columns(w, hinv_u, scale, loc, codebook, block: int, exact=None):
     return codes[:, :cols], kept[:, :cols]
 
 
-def _hinv_factor(h: jax.Array, damp: float):
-    d = jnp.diag(h)
-    dead = d <= 0
-    h = jnp.where(dead[:, None] | dead[None, :], 0.0, h) + jnp.diag(jnp.where(dead, 1.0, 0.0))
-    h = h + damp * jnp.mean(jnp.where(dead, 0.0, jnp.diag(h))) * jnp.eye(h.shape[0])
-    lower = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
-    # upper factor U with H^-1 = U^T U
-    return jnp.linalg.cholesky(hinv).T
-
-
 def _refit_levels(w, codes, scale, loc, h, n: int, codebook, exact, kept):
     """Least-squares codebook given codes: minimise tr((W - W_hat) H (W - W_hat)^T)
     (values kept apart are fixed at ``kept``)."""
@@ -416,7 +405,7 @@ def _gptq(w, h, scale, loc, codebook, opts: Calibration, exact):
     order = jnp.argsort(-jnp.diag(h)) if opts.act_order else jnp.arange(cols)
     inv = jnp.argsort(order)
     hp = h[order][:, order]
-    u = _hinv_factor(hp, opts.damp)
+    u = nx.hinv_upper(hp, opts.damp)
     codes, kept = _round_columns(w[:, order], u, scale[:, order], loc[:, order], codebook,
                                  opts.block, exact[:, order])
     codes, kept = codes[:, inv], kept[:, inv]

@@ -529,3 +529,24 @@ def lloyd_density(
         return _sorted_with_flags(new, fixed)
 
     return _iterate_levels(step, init.astype(dt), fixed, max_iter, tol * span)
+
+
+# ------------------------------------------------------------------ error-feedback rounding
+def hinv_upper(h: jax.Array, damp: float) -> jax.Array:
+    """The upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (``H^-1 = U^T U``),
+    what GPTQ/LDLQ-style rounding feeds each input's error forward with. Inputs that never fire
+    (zero diagonal) are decoupled from the others.
+
+    Examples:
+      >>> h = jnp.array([[4.0, 2.0], [2.0, 3.0]])
+      >>> u = hinv_upper(h, 0.0)
+      >>> bool(jnp.allclose(u.T @ u, jnp.linalg.inv(h), atol=1e-6)), float(u[1, 0])
+      (True, 0.0)
+    """
+    d = jnp.diag(h)
+    dead = d <= 0
+    h = jnp.where(dead[:, None] | dead[None, :], 0.0, h) + jnp.diag(jnp.where(dead, 1.0, 0.0))
+    h = h + damp * jnp.mean(jnp.where(dead, 0.0, jnp.diag(h))) * jnp.eye(h.shape[0])
+    lower = jnp.linalg.cholesky(h)
+    hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
+    return jnp.linalg.cholesky(hinv).T

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from . import _numerics as nx
 from . import bitpack
 from . import hadamard
 from . import spec as _spec
@@ -678,18 +679,6 @@ def from_state_dict(state: dict) -> VQArray:
 
 
 # ------------------------------------------------------------------------------------- LDLQ
-def _hinv_upper(h: jax.Array, damp: float) -> jax.Array:
-    """The upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (``H^-1 = U^T U``);
-    inputs that never fire (zero diagonal) are decoupled."""
-    d = jnp.diag(h)
-    dead = d <= 0
-    h = jnp.where(dead[:, None] | dead[None, :], 0.0, h) + jnp.diag(jnp.where(dead, 1.0, 0.0))
-    h = h + damp * jnp.mean(jnp.where(dead, 0.0, jnp.diag(h))) * jnp.eye(h.shape[0])
-    lower = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
-    return jnp.linalg.cholesky(hinv).T
-
-
 def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
     geo = geometry(x.shape, spec)
     n, cols = geo.n_in, geo.cols
@@ -705,7 +694,7 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
         hr = hadamard.rotate_gram(hr, seed)
     per_channel = spec.scales == "channel"
     s0 = _rms(z, per_channel)
-    u_fac = _hinv_upper(hr.astype(jnp.float32), damp)
+    u_fac = nx.hinv_upper(hr.astype(jnp.float32), damp)
     group_geo = geo._replace(n_in=group, rows=group, hi=0)
     table = jnp.asarray(code_table(L))
     n_lo = n - geo.hi  # inputs from n_lo on are coded with k + 1 bits
