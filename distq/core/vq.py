@@ -551,18 +551,7 @@ class VQArray(LeafBase):
         PyTorch-layout weight); with ``input_axis=0`` (a Flax kernel) the rotation mixes the
         rows, so the array is decoded and indexed.
         """
-        if self.batch_shape:
-            raise ValueError("take() reads rows of one array; index the batch first (q[i])")
-        if not self.value_shape:
-            raise ValueError("take() needs an array of rank >= 1")
-        rows = jnp.asarray(rows)
-        if not jnp.issubdtype(rows.dtype, jnp.integer):
-            raise TypeError(f"rows must be integers, got dtype {rows.dtype}")
-        n0 = self.value_shape[0]
-        if _checks.is_concrete(rows) and rows.size and (
-                int(rows.max()) >= n0 or int(rows.min()) < -n0):
-            raise IndexError(f"row index out of range for {n0} rows")
-        r = jnp.where(rows < 0, rows + n0, rows).astype(jnp.int32)
+        r = self.checked_rows(rows)
         out_dtype = dtype or _output_dtype(self.dtype)
         axis = self.input_axis
         if axis == 0:
@@ -592,17 +581,6 @@ class VQArray(LeafBase):
         z = z.reshape(r.shape + (geo.n_in,) + tuple(rest))
         z = jnp.moveaxis(z, r.ndim, r.ndim + axis - 1)
         return z.astype(out_dtype)
-
-    def __getitem__(self, idx) -> Any:
-        """Batch members of a batched VQArray; decoded values otherwise (integer row indices
-        decode only those rows, see :meth:`take`)."""
-        if self.batch_shape:
-            return jax.tree_util.tree_map(lambda a: a[idx], self)
-        if isinstance(idx, (int, np.integer)) or (
-                hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer)) or (
-                isinstance(idx, list) and all(isinstance(i, (int, np.integer)) for i in idx)):
-            return self.take(idx)
-        return self.dequantize()[idx]
 
     def __repr__(self) -> str:
         return (f"VQArray(shape={self.shape}, dtype={self.dtype}, bits={self.bits}, "
