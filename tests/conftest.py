@@ -5,7 +5,10 @@ silent upcasts and accidental broadcasting are the classic bugs of quantisation 
 library must not rely on them.
 """
 
+import gc
+
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -20,3 +23,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("distq")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    # every compiled XLA:CPU program keeps its own code mappings; a worker that has compiled a
+    # few thousand of them crashed while compiling the next (always late in a run, in whatever
+    # test came then). Programs are rarely shared between test modules: free them after each.
+    yield
+    jax.clear_caches()
+    gc.collect()
