@@ -39,6 +39,7 @@ from . import _checks
 from . import _numerics as nx
 from . import bitpack
 from . import distributions as D
+from . import entropy as E
 from . import search as S
 from . import spec as _spec
 from .qarray import QArray, layout_for, outlier_values, pack_positions
@@ -568,8 +569,7 @@ def _group_stats(x: jax.Array, spec: Scalar, checked: bool = False):
     weights (the fit is faster without); otherwise (under a caller's trace, where the array
     may be a shard of a bigger one) every pass is fused with the computation of its values
     (see :func:`_fresh`, :func:`_row_sums`): no tensor-sized temporaries."""
-    layout = layout_for(spec, x.shape)
-    rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
+    rows = _rows_of(x, spec)
     g, length = rows.shape
     sm = _summary(rows)
     k, const = sm.k, sm.const
@@ -618,8 +618,7 @@ def _fit_data(x: jax.Array, spec: Scalar, checked: bool, stats, rel_w, out_idx=N
     and the outliers' positions: ``out_idx`` when given (found outside, see
     :func:`_outliers_host`), else found here (see :func:`_outliers`); the codebook is fitted
     without them."""
-    layout = layout_for(spec, x.shape)
-    rows = layout.to_rows(jnp.asarray(x).astype(jnp.float32))
+    rows = _rows_of(x, spec)
     g, length = rows.shape
     k, _, centre_u, _, _, safe_u, _, loc0_u, live = stats[:9]
     k_out = spec.n_outliers(g * length)
@@ -868,6 +867,7 @@ def _outliers(rows, ku, centre_u, safe_u, k, lean: bool = True):
 
 
 def _rows_of(x, spec):
+    """``x`` as float32 rows of the spec's layout (one row a group)."""
     return layout_for(spec, x.shape).to_rows(jnp.asarray(x).astype(jnp.float32))
 
 
@@ -1056,24 +1056,14 @@ def _fit_spec(spec: Scalar) -> Scalar:
 _pack_jit = _StageJit(_pack, (1,))
 
 
-def _pack_stream_host(codes: np.ndarray, bits: int) -> np.ndarray:
-    """:func:`distq.bitpack.pack` in NumPy (the same little-endian bit stream of uint32
-    words), for the few values of a host-side step."""
-    codes = np.asarray(codes).astype(np.uint32)
-    stream = ((codes[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    nw = bitpack.packed_nwords(codes.size, bits)
-    stream = np.concatenate([stream.reshape(-1), np.zeros(nw * 32 - stream.size, np.uint8)])
-    return np.packbits(stream, bitorder="little").view("<u4").astype(np.uint32)
-
-
 def _pack_positions_host(idx: np.ndarray, bits: int) -> np.ndarray:
     """:func:`distq.core.qarray.pack_positions` in NumPy (a stream of the low 16 bits, then
     one of the ``bits - 16`` high bits when there are any)."""
     idx = np.asarray(idx).astype(np.uint32)
     hi = max(bits - 16, 0)
-    parts = [_pack_stream_host(idx & 0xFFFF if hi else idx, min(bits, 16))]
+    parts = [E.words_from_symbols(idx & 0xFFFF if hi else idx, min(bits, 16))]
     if hi:
-        parts.append(_pack_stream_host(idx >> 16, hi))
+        parts.append(E.words_from_symbols(idx >> 16, hi))
     return np.concatenate(parts)
 
 

@@ -475,11 +475,12 @@ class VQArray(LeafBase):
       >>> import jax, distq
       >>> w = jax.random.normal(jax.random.key(0), (256, 128))
       >>> q = distq.quantize(w, distq.VQ(bits=3, input_axis=1))  # rotated inputs, row scales
-      >>> q.shape, q.boost_rows, q.nbytes  # 3-bit codes, 15 input channels at 4 bits, 256 scales, a seed
+      >>> q.shape, q.boost_rows, q.nbytes  # 3-bit codes, 15 inputs at 4 bits, scales, a seed
       ((256, 128), 15, 13284)
       >>> float(((q.dequantize() - w) ** 2).mean()) < 0.025  # Lloyd-Max: 0.0345
       True
-      >>> bool(jax.numpy.allclose(q.take([3, 7]), q.dequantize()[jax.numpy.array([3, 7])], atol=1e-5))
+      >>> rows = jax.numpy.array([3, 7])
+      >>> bool(jax.numpy.allclose(q.take(rows), q.dequantize()[rows], atol=1e-5))
       True
     """
 
