@@ -1,6 +1,7 @@
 """Trellis-coded vector quantisation (distq.VQ): the code, Viterbi against brute force, the
 decoders against a NumPy reference, storage, the leaf protocol, calibration (LDLQ)."""
 
+import dataclasses
 import itertools
 import math
 
@@ -148,8 +149,10 @@ def test_nbytes_counts_everything_stored(role, shape):
     assert q.nbytes == spec.nbytes(shape)
     n = math.prod(shape)
     size = lambda a: 0 if a is None else math.prod(a.shape) * np.dtype(a.dtype).itemsize  # noqa: E731
-    hi = q.boost_rows * n // (1 if spec.input_axis is None else shape[spec.input_axis])
-    codes = 4 * math.ceil((n - hi) * 3 / 32) + 4 * math.ceil(hi * 4 / 32)  # boosted: 4 bits
+    n_in = 1 if spec.input_axis is None else shape[spec.input_axis]
+    hi = q.boost_cols * n_in  # boosted values: 4 bits, and a mask of one bit per channel
+    codes = 4 * math.ceil((n - hi) * 3 / 32) + 4 * math.ceil(hi * 4 / 32)
+    codes += 4 * math.ceil(n // n_in / 32) if q.boost_cols else 0
     stored = codes + size(q.scale) + size(q.in_scale) + size(q.seed)
     assert q.nbytes == stored
     if role is not None:
@@ -167,8 +170,30 @@ def test_weights_get_rotation_and_scales_that_lower_the_error():
     weight = distq.quantize(w, distq.VQ(bits=2).resolve(w.shape, "weight"))
     assert weight.seed is not None and weight.scale.shape == (256,)
     assert weight.in_scale is not None and weight.in_scale.shape == (512,)
-    assert weight.boost_rows > 0 and weight.bits_per_value <= 2 + 1 / 4
+    assert weight.boost_cols > 0 and weight.bits_per_value <= 2 + 1 / 4
     assert _rel(weight, w) < 0.8 * _rel(plain, w)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_boost_gives_the_largest_channels_one_more_bit(jit):
+    rng = np.random.default_rng(3)
+    size = np.exp(rng.normal(0.0, 0.7, 96)).astype(np.float32)  # output channel sizes
+    w = rng.standard_normal((96, 128)).astype(np.float32) * size[:, None]
+    spec = distq.VQ(bits=2, input_axis=1, boost=0.25, input_scales=None, scales="channel")
+    quant = jax.jit(distq.quantize, static_argnums=1) if jit else distq.quantize
+    q = quant(w, spec)
+    assert q.boost_cols == 24 and q.nbytes == spec.nbytes(w.shape)
+    mask = np.asarray(distq.bitpack.unpack(q.codes[-3:], 1, 96)).astype(bool)
+    top = np.argsort(-(w.astype(np.float64) ** 2).sum(1))[:24]  # the rotation keeps the norms
+    np.testing.assert_array_equal(np.flatnonzero(mask), np.sort(top))
+    d = np.asarray(q.dequantize())
+    rel = ((d - w) ** 2).sum(1) / (w ** 2).sum(1)  # per output channel
+    assert np.median(rel[mask]) < 0.5 * np.median(rel[~mask])  # 3 bits against 2
+    plain = distq.quantize(w, dataclasses.replace(spec, boost=0.0))
+    assert _rel(q, w) < 0.85 * _rel(plain, w)
+    assert q.nbytes < plain.nbytes * (2.26 / 2)
+    rows = np.array([0, 95, 40])
+    np.testing.assert_allclose(np.asarray(q.take(rows)), d[rows], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ leaf
@@ -289,6 +314,13 @@ def test_checkpoint_and_state_round_trip(tmp_path):
             distq.VQArray.from_arrays(arrays, broken)
     with pytest.raises(ValueError, match="corrupt VQArray"):
         distq.VQArray.from_arrays({**arrays, "scale": np.ones(3, np.float32)}, meta)
+    assert tree["a"].boost_cols > 0  # a corrupt boost mask (its last word) is refused
+    codes = np.asarray(arrays["codes"]).copy()
+    codes[-1] ^= np.uint32(1 << 3)
+    with pytest.raises(ValueError, match="boost mask"):
+        distq.VQArray.from_arrays({**arrays, "codes": codes}, meta)
+    with pytest.raises(ValueError, match="earlier distq"):
+        distq.VQArray.from_arrays(arrays, {**meta, "boost_rows": 3})
 
 
 def test_quantize_tree_plans_and_reports_true_bytes():
@@ -313,7 +345,7 @@ def test_ldlq_lowers_the_output_error_at_equal_bytes():
     e0 = calibrate.output_error(w, q0.dequantize(), h)
     e = calibrate.output_error(w, q.dequantize(), h)
     assert e < 0.6 * e0
-    assert 0 < q.boost_rows < 128 and (128 - q.boost_rows) % 4  # a group of 4 straddles them
+    assert 0 < q.boost_cols < 64  # the boosted output channels are coded in their own stream
     q4 = V.quantize_ldlq(w, spec, h, axis=1, group=4)  # inputs coded 4 at a time
     assert q4.nbytes == q0.nbytes
     assert calibrate.output_error(w, q4.dequantize(), h) < 1.1 * e

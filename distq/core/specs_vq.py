@@ -17,7 +17,7 @@ from . import spec as _spec
 from .specs import AUTO, INPUT_AXIS
 
 _SCALES = ("channel", "tensor")
-INPUT_POWER = 0.75  # the automatic input_scales exponent
+INPUT_POWER = 0.6  # the automatic input_scales exponent
 CODE_BUDGET = 0.25  # bits per weight beyond `bits` that the automatic boost may bring codes to
 _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 MAX_BITS = 4  # bits per value the trellis supports (2**bits branches per state)
@@ -89,15 +89,17 @@ class VQ:
       input_scales: an exponent ``a`` in (0, 2]: each input channel is divided by its
         root-mean-square to the power ``a`` before the rotation (and multiplied back after
         decoding; the factors are stored), so that the channel's error grows as that power of
-        its size (``1``: the same relative error everywhere; ``0.75``, the default, measured best
-        on MiniLM). Needs ``input_axis``. ``None``: off; ``"auto"``: ``0.75`` for a weight, when
+        its size (``1``: the same relative error everywhere; ``0.6``, the default, measured best
+        on MiniLM). Needs ``input_axis``. ``None``: off; ``"auto"``: ``0.6`` for a weight, when
         it fits the budget.
       scale_dtype: storage dtype of the scales; ``"auto"``: bfloat16 for channel scales,
         float32 for one scale per tensor.
-      boost: the fraction (0..1) of the rotated input channels coded with ``bits + 1`` bits
-        (the last ones, which calibrated rounding visits last and so cannot compensate); needs
-        ``input_axis``. ``"auto"``: what the budget leaves for a weight, up to ``bits + 1/4``
-        bits per value in all (see :meth:`resolve`), 0 for a plain array.
+      boost: the fraction (0..1) of the output channels (the indices of the non-input axes)
+        coded with ``bits + 1`` bits: the ones of largest root-mean-square, which a
+        squared-error bit allocation favours (each extra bit divides a value's error by about 4,
+        so it gains most where the values are largest); which ones is stored as a bit mask.
+        Needs ``input_axis``. ``"auto"``: what the budget leaves for a weight, up to ``bits +
+        1/4`` bits per value in all (see :meth:`resolve`), 0 for a plain array.
 
     Examples:
       >>> import jax, distq
@@ -174,18 +176,18 @@ class VQ:
         (bfloat16) spend at most ``bits / 16`` bits per value with the rotation's seed and the
         codes' last word, like the automatic budget of :class:`distq.Scalar`: one per output
         channel (index of the other axes) if they fit, else one float32 scale for the tensor,
-        then one per input channel if they fit too. Codes may spend more: the last input
-        channels get one more bit (``boost``), as many as bring the whole array to ``bits +
-        max(bits / 16, 1/4)`` bits per value (``CODE_BUDGET``; more bits where a fixed-rate code
-        gains most, the issue's MiniLM budget of ``k + 1/4``).
+        then one per input channel if they fit too. Codes may spend more: the output channels
+        of largest root-mean-square get one more bit (``boost``, their mask counted), as many
+        as bring the whole array to ``bits + max(bits / 16, 1/4)`` bits per value
+        (``CODE_BUDGET``, the issue's MiniLM budget of ``k + 1/4``).
 
         Examples:
           >>> import distq
           >>> spec = distq.VQ(bits=2).resolve((384, 1536), "weight")
           >>> spec.input_axis, spec.scales, spec.input_scales, round(spec.boost, 3)
-          (1, 'channel', 0.75, 0.197)
+          (1, 'channel', 0.6, 0.195)
           >>> round(8 * spec.nbytes((384, 1536)) / (384 * 1536), 3)  # bits per weight
-          2.249
+          2.248
         """
         ndim, size = len(shape), math.prod(shape)
         axis = self.input_axis
@@ -217,8 +219,9 @@ class VQ:
             if (weight and self.L >= 2 * (self.bits + 1) and self.bits < MAX_BITS + 1
                     and cols >= min_block(self.bits, self.L)):
                 budget += max(0.0, CODE_BUDGET - self.bits / 16) * size  # codes: to k + 1/4
-                rows = int(max(budget - 32, 0) // cols)  # each costs cols bits (+ a last word)
-                boost = min(rows, shape[axis]) / shape[axis]
+                # each boosted channel costs an input axis' bits; the mask and a last word
+                hc = int(max(budget - 32 - 32 * -(-cols // 32), 0) // shape[axis])
+                boost = min(hc, cols) / cols
         return dataclasses.replace(self, state_bits=self.L, input_axis=axis, scales=scales,
                                    input_scales=input_scales, scale_dtype=scale_dtype,
                                    boost=boost)
@@ -250,23 +253,29 @@ class VQ:
         seed (a uint32)."""
         spec = self.resolve(shape)
         item = 2 if spec.scale_dtype in ("bfloat16", "float16") else 4
-        n_in = 0 if spec.input_scales is None else shape[spec.input_axis]
-        size, hi = math.prod(shape), boost_rows(spec, shape)
-        cols = size // (1 if spec.input_axis is None else shape[spec.input_axis])
-        codes = 4 * (-(-(size - hi * cols) * spec.bits // 32) + -(-hi * cols * (spec.bits + 1)
-                                                                    // 32))
-        return codes + item * (num_scales(spec, shape) + n_in) + (4 if rotates(spec) else 0)
+        size, hc = math.prod(shape), boost_cols(spec, shape)
+        n_in = 1 if spec.input_axis is None else shape[spec.input_axis]
+        cols = size // n_in
+        codes = 4 * (-(-(size - hc * n_in) * spec.bits // 32)
+                     + -(-hc * n_in * (spec.bits + 1) // 32) + (-(-cols // 32) if hc else 0))
+        n_scaled = 0 if spec.input_scales is None else n_in
+        return codes + item * (num_scales(spec, shape) + n_scaled) + (4 if rotates(spec) else 0)
 
 
-def boost_rows(spec: VQ, shape: tuple[int, ...]) -> int:
-    """Input channels (rows of the coded matrix, the last ones) that a resolved spec codes with
-    ``bits + 1`` bits: none unless the rows are long enough to be coded alone."""
+def boost_cols(spec: VQ, shape: tuple[int, ...]) -> int:
+    """Output channels (columns of the coded matrix) that a resolved spec codes with ``bits +
+    1`` bits: none unless the input channels are coded alone (rows of at least one block), and
+    each of the two streams is empty or at least one block long."""
     if spec.input_axis is None or not spec.boost:
         return 0
-    n_in = shape[spec.input_axis]
-    if math.prod(shape) // n_in < min_block(spec.bits, spec.L):
+    cols = math.prod(shape) // shape[spec.input_axis]
+    lo_min, hi_min = min_block(spec.bits, spec.L), min_block(spec.bits + 1, spec.L)
+    if cols < lo_min:
         return 0
-    return min(n_in, int(spec.boost * n_in + 0.5))
+    hc = min(cols, int(spec.boost * cols + 0.5))
+    if 0 < cols - hc < lo_min:
+        hc = cols - lo_min
+    return hc if hc >= hi_min else 0
 
 
 def rotates(spec: VQ) -> bool:

@@ -60,7 +60,7 @@ from . import bitpack
 from . import hadamard
 from . import spec as _spec
 from .leaf import LeafBase, leaf_from_state
-from .specs_vq import VQ, boost_rows, min_block, rotates, symbols_per_state, tail_window
+from .specs_vq import VQ, boost_cols, min_block, rotates, symbols_per_state, tail_window
 
 # ---------------------------------------------------------------------------------- the code
 # a bijective integer hash of L-bit states: multiplications by odd constants and xor-shifts
@@ -171,11 +171,12 @@ class Geometry(NamedTuple):
     """Where the values of an array sit in its trellis blocks (all static).
 
     The array is viewed as ``(n_in, cols)`` (its input axis first, the other axes flattened;
-    ``(1, size)`` for a plain array), the **arrangement** the rotation and scales act on. Codes
-    follow that matrix's row-major order. Each row is cut into ``nb`` blocks, the first ``r``
-    of ``t + 1`` values and the others of ``t`` (rows shorter than one block are joined: then
-    the whole array is one row, ``rows == 1``). The last ``hi`` rows are coded with one more
-    bit per value (:attr:`distq.VQ.boost`), in a second stream after the first.
+    ``(1, size)`` for a plain array), the **arrangement** the rotation and scales act on. The
+    codes follow that matrix with its columns permuted: the columns at ``bits`` first, then the
+    last ``hc`` at ``bits + 1`` (:attr:`distq.VQ.boost`; which ones is the stored mask). Each
+    row of a stream (the ``width`` columns of one bit width) is cut into ``nb`` blocks, the
+    first ``r`` of ``t + 1`` values and the others of ``t`` (rows shorter than one block are
+    joined: then the whole array is one row, ``rows == 1``, and nothing is boosted).
     """
 
     n_in: int
@@ -185,10 +186,11 @@ class Geometry(NamedTuple):
     nb: int
     t: int
     r: int
-    hi: int = 0
+    hc: int = 0
 
     def parts(self) -> list[tuple[int, int, int]]:
-        """``(start column, blocks, block length)`` of the long and the short blocks of a row."""
+        """``(start column, blocks, block length)`` of the long and the short blocks of a row
+        of one stream (``hc == 0``)."""
         out = []
         if self.r:
             out.append((0, self.r, self.t + 1))
@@ -197,20 +199,31 @@ class Geometry(NamedTuple):
         return out
 
     def streams(self, bits: int) -> list[tuple[int, "Geometry", int, int]]:
-        """``(first row, geometry of its rows, bits, first word)`` of each code stream: the rows
-        at ``bits``, then the boosted rows at ``bits + 1``."""
-        lo = self.rows - self.hi
-        out, word = [], 0
-        for first, n, b in ((0, lo, bits), (lo, self.hi, bits + 1)):
+        """``(first column, geometry of its columns, bits, first word)`` of each code stream:
+        the columns at ``bits``, then the boosted ones at ``bits + 1``; each stream is its
+        rows' codes in row-major order, packed, one after the other."""
+        if not self.hc:
+            return [(0, self, bits, 0)]
+        out, word, start = [], 0, 0
+        for n, b in ((self.width - self.hc, bits), (self.hc, bits + 1)):
             if n:
-                out.append((first, self._replace(n_in=n, rows=n, hi=0), b, word))
-                word += bitpack.packed_nwords(n * self.width, b)
+                out.append((start, _split(self.rows, n, self.t), b, word))
+                word += bitpack.packed_nwords(self.rows * n, b)
+                start += n
         return out
 
     def nwords(self, bits: int) -> int:
-        """uint32 words of all the codes."""
+        """uint32 words of all the codes (and of the boost mask)."""
         return sum(bitpack.packed_nwords(g.rows * g.width, b) for _, g, b, _ in
-                   self.streams(bits))
+                   self.streams(bits)) + (_mask_words(self.cols) if self.hc else 0)
+
+
+def _split(rows: int, width: int, block: int) -> Geometry:
+    """One stream's geometry: ``rows`` rows of ``width`` values in near-equal blocks of about
+    ``block`` values and no fewer (a block of the whole arrangement, so long enough for the
+    trellis)."""
+    nb = max(1, min(int(width / block + 0.5), width // block))
+    return Geometry(rows, width, rows, width, nb, width // nb, width % nb)
 
 
 def geometry(shape: tuple[int, ...], spec: VQ) -> Geometry:
@@ -220,9 +233,9 @@ def geometry(shape: tuple[int, ...], spec: VQ) -> Geometry:
       >>> import distq
       >>> from distq.core.vq import geometry
       >>> geometry((384, 1536), distq.VQ(bits=2, input_axis=1, boost=0.0))  # rows: the inputs
-      Geometry(n_in=1536, cols=384, rows=1536, width=384, nb=2, t=192, r=0, hi=0)
+      Geometry(n_in=1536, cols=384, rows=1536, width=384, nb=2, t=192, r=0, hc=0)
       >>> geometry((1000,), distq.VQ(bits=2, input_axis=None))
-      Geometry(n_in=1, cols=1000, rows=1, width=1000, nb=4, t=250, r=0, hi=0)
+      Geometry(n_in=1, cols=1000, rows=1, width=1000, nb=4, t=250, r=0, hc=0)
     """
     size = math.prod(shape)
     axis = spec.input_axis
@@ -232,7 +245,7 @@ def geometry(shape: tuple[int, ...], spec: VQ) -> Geometry:
     rows, width = (n_in, cols) if cols >= tmin else (1, size)
     nb = max(1, min(int(width / spec.block + 0.5), width // tmin))
     return Geometry(n_in, cols, rows, width, nb, width // nb, width % nb,
-                    boost_rows(spec, shape))
+                    boost_cols(spec, shape))
 
 
 def _arrange(x: jax.Array, axis: int | None) -> jax.Array:
@@ -250,14 +263,14 @@ def _unarrange(z: jax.Array, shape: tuple[int, ...], axis: int | None) -> jax.Ar
 
 
 def _by_stream(fn, arrays: jax.Array, geo: Geometry, k: int) -> jax.Array:
-    """``fn(rows of arrays, geometry, bits)`` per code stream, the results stacked as rows."""
-    out = [fn(arrays[first:first + g.rows], g, b) for first, g, b, _ in geo.streams(k)]
-    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
+    """``fn(columns of arrays, geometry, bits)`` per code stream, the results side by side."""
+    out = [fn(arrays[:, first:first + g.width], g, b) for first, g, b, _ in geo.streams(k)]
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
 
 def encode(u: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
     """Trellis codes (``(rows, width)`` int32 symbols) of standardised values ``u`` laid out as
-    ``geo``'s coded rows."""
+    ``geo``'s coded rows (the boosted columns last)."""
     table = jnp.asarray(code_table(L))
 
     def one(u, g, bits):
@@ -296,8 +309,9 @@ def states(symbols: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
 
 
 def pack_symbols(symbols: jax.Array, geo: Geometry, k: int) -> jax.Array:
-    """The symbols (``(rows, width)``) bit-packed: each stream at its width, one after another."""
-    parts = [bitpack.pack(symbols[first:first + g.rows].reshape(-1).astype(jnp.uint32), b)
+    """The symbols (``(rows, width)``) bit-packed: each stream at its width, one after another
+    (the boost mask is appended by the caller)."""
+    parts = [bitpack.pack(symbols[:, first:first + g.width].reshape(-1).astype(jnp.uint32), b)
              for first, g, b, _ in geo.streams(k)]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
@@ -309,19 +323,22 @@ def unpack_symbols(words: jax.Array, geo: Geometry, k: int) -> jax.Array:
         n = g.rows * g.width
         c = bitpack.unpack(words[w0:w0 + bitpack.packed_nwords(n, b)], b, n)
         out.append(c.astype(jnp.int32).reshape(g.rows, g.width))
-    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
 
 def states_at(words: jax.Array, pos: jax.Array, geo: Geometry, L: int, k: int) -> jax.Array:
-    """The states at flat positions ``pos`` (int32, row-major in the coded rows), read from the
-    packed code stream alone: ``ceil(L / k)`` symbols each, wrapping within the value's
-    block."""
+    """The states at flat positions ``pos`` (int32, row-major in the coded rows, the boosted
+    columns last), read from the packed code stream alone: ``ceil(L / k)`` symbols each,
+    wrapping within the value's block."""
+    if not geo.hc:
+        return _states_at(words, pos, geo, L, k)
+    row, col = pos // geo.width, pos % geo.width
     out = None
     for first, g, b, w0 in geo.streams(k):
-        p = pos - first * geo.width
-        inside = (p >= 0) & (p < g.rows * g.width)
+        inside = (col >= first) & (col < first + g.width)
         n = bitpack.packed_nwords(g.rows * g.width, b)
-        s = _states_at(words[w0:w0 + n], jnp.where(inside, p, 0), g, L, b)
+        p = jnp.where(inside, row * g.width + col - first, 0)
+        s = _states_at(words[w0:w0 + n], p, g, L, b)
         out = s if out is None else jnp.where(inside, s, out)
     return out
 
@@ -387,17 +404,46 @@ def _rms(z: jax.Array, per_channel: bool) -> jax.Array:
     return jnp.where(s > 0, s, 1.0)
 
 
-def _finish(x_shape, dtype, spec, geo, symbols, scale_unit, prep: _Prepared, seed
-            ) -> "VQArray":
+def _boost_mask(z: jax.Array, hc: int) -> jax.Array:
+    """The ``hc`` columns of ``z`` of largest root-mean-square (bool ``(cols,)``), the ones a
+    squared-error bit allocation gives the extra bit."""
+    top = jax.lax.top_k(jnp.sum(z * z, axis=0), hc)[1]
+    return jnp.zeros(z.shape[1], bool).at[top].set(True)
+
+
+def _coded_position(mask: jax.Array) -> jax.Array:
+    """Where each column sits in the coded order (int32 ``(cols,)``): the unboosted columns
+    first, then the boosted ones, each in their original order."""
+    m = mask.astype(jnp.int32)
+    before = jnp.cumsum(m) - m  # boosted columns before each column
+    idx = jnp.arange(m.shape[0], dtype=jnp.int32)
+    return jnp.where(mask, m.shape[0] - jnp.sum(m) + before, idx - before)
+
+
+def _to_coded(z: jax.Array, pos: jax.Array) -> jax.Array:
+    """``z``'s columns in the coded order (``pos`` from :func:`_coded_position`)."""
+    return jnp.zeros_like(z).at[:, pos].set(z)
+
+
+def _mask_words(cols: int) -> int:
+    """uint32 words of a boost mask of ``cols`` bits."""
+    return -(-cols // 32)
+
+
+def _finish(x_shape, dtype, spec, geo, symbols, scale_unit, prep: _Prepared, seed,
+            mask=None) -> "VQArray":
     scale = jnp.ldexp(scale_unit, prep.e)
     scale = jnp.where(prep.bad, jnp.float32(jnp.nan), scale).astype(spec.scale_dtype)
+    codes = pack_symbols(symbols, geo, spec.bits)
+    if geo.hc:
+        codes = jnp.concatenate([codes, bitpack.pack(mask.astype(jnp.uint32), 1)])
     return VQArray(
-        codes=pack_symbols(symbols, geo, spec.bits),
+        codes=codes,
         scale=scale,
         in_scale=prep.in_scale,
         seed=seed if rotates(spec) else None,
         value_shape=tuple(x_shape), dtype=dtype, bits=spec.bits, state_bits=spec.L,
-        block=spec.block, input_axis=spec.input_axis, boost_rows=geo.hi)
+        block=spec.block, input_axis=spec.input_axis, boost_cols=geo.hc)
 
 
 def _quantize_impl(x: jax.Array, spec: VQ, key: jax.Array | None) -> "VQArray":
@@ -408,12 +454,19 @@ def _quantize_impl(x: jax.Array, spec: VQ, key: jax.Array | None) -> "VQArray":
     per_channel = spec.scales == "channel"
     s0 = _rms(z, per_channel)
     L, k = spec.L, spec.bits
-    u = (z / s0[None, :]).reshape(geo.rows, geo.width)
-    symbols = encode(u, geo, L, k)
+    u = z / s0[None, :]
+    mask = None
+    if geo.hc:
+        mask = _boost_mask(z, geo.hc)
+        pos = _coded_position(mask)
+        u = _to_coded(u, pos)
+    symbols = encode(u.reshape(geo.rows, geo.width), geo, L, k)
     c = jnp.asarray(code_table(L))[states(symbols, geo, L, k)].reshape(z.shape)
+    if geo.hc:
+        c = c[:, pos]
     # the scale that is optimal for these codes (least squares)
     s = _channel_sums(z * c, per_channel) / _channel_sums(c * c, per_channel)
-    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed)
+    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed, mask)
 
 
 _quantize_jit = jax.jit(_quantize_impl, static_argnums=1)
@@ -458,7 +511,8 @@ class VQArray(LeafBase):
     Attributes:
       codes: the ``bits``-bit symbols of every value, bit-packed into uint32 words
         (:func:`distq.bitpack.pack`) in the row-major order of the coded rows (see
-        :class:`Geometry`).
+        :class:`Geometry`), the boosted columns' ``bits + 1``-bit symbols after them, then the
+        boost mask (one bit per output channel) when there are any.
       scale: the scale of each output channel (``(cols,)``) or of the tensor (``(1,)``); NaN
         for a channel that held non-finite values (possible only under a trace).
       in_scale: the factor of each input channel (``(n_in,)``, its root-mean-square to the
@@ -469,14 +523,14 @@ class VQArray(LeafBase):
         made under ``vmap``).
       bits, state_bits, block: the trellis (bits per value, state length ``L``, target block
         length); input_axis: the rotated input axis, or ``None`` for a plain array;
-        boost_rows: the last rows of the arrangement, coded with ``bits + 1`` bits.
+        boost_cols: output channels coded with ``bits + 1`` bits.
 
     Examples:
       >>> import jax, distq
       >>> w = jax.random.normal(jax.random.key(0), (256, 128))
       >>> q = distq.quantize(w, distq.VQ(bits=3, input_axis=1))  # rotated inputs, row scales
-      >>> q.shape, q.boost_rows, q.nbytes  # 3-bit codes, 15 inputs at 4 bits, scales, a seed
-      ((256, 128), 15, 13284)
+      >>> q.shape, q.boost_cols, q.nbytes  # 3-bit codes, 29 outputs at 4 bits, scales, a seed
+      ((256, 128), 29, 13300)
       >>> float(((q.dequantize() - w) ** 2).mean()) < 0.025  # Lloyd-Max: 0.0345
       True
       >>> rows = jax.numpy.array([3, 7])
@@ -498,7 +552,7 @@ class VQArray(LeafBase):
     state_bits: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))
     input_axis: int | None = dataclasses.field(metadata=dict(static=True))
-    boost_rows: int = dataclasses.field(default=0, metadata=dict(static=True))
+    boost_cols: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     # ---------------------------------------------------------------- array-like
     @property
@@ -515,7 +569,8 @@ class VQArray(LeafBase):
                   scales="channel" if channel else "tensor",
                   input_scales=None if self.in_scale is None else 1.0,
                   boost=0.0 if self.input_axis is None else
-                  self.boost_rows / self.value_shape[self.input_axis],
+                  self.boost_cols * self.value_shape[self.input_axis] / math.prod(
+                      self.value_shape),
                   scale_dtype=str(getattr(self.scale, "dtype", "float32")))
 
     @property
@@ -530,13 +585,21 @@ class VQArray(LeafBase):
     def _scale_f32(self) -> jax.Array:
         return self.scale.astype(jnp.float32)
 
+    def _coded_position(self, geo: Geometry) -> jax.Array:
+        """Each output channel's column in the coded order (from the stored boost mask)."""
+        mask = bitpack.unpack(self.codes[-_mask_words(geo.cols):], 1, geo.cols)
+        return _coded_position(mask.astype(bool))
+
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Decodes to a dense array of the original shape and dtype (or ``dtype``)."""
         if self.batch_shape:
             return self._unbatched(lambda q: q.dequantize(dtype))
         geo, L, k = self.geometry, self.state_bits, self.bits
         st = states(unpack_symbols(self.codes, geo, k), geo, L, k)
-        z = jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols) * self._scale_f32()[None, :]
+        z = jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols)
+        if geo.hc:
+            z = z[:, self._coded_position(geo)]
+        z = z * self._scale_f32()[None, :]
         if self.seed is not None:
             z = hadamard.unrotate(z, self.seed, axis=0)
         if self.in_scale is not None:
@@ -571,7 +634,8 @@ class VQArray(LeafBase):
         inner = math.prod(rest)
         col = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(lead + (-1,))
         inputs = jnp.arange(geo.n_in, dtype=jnp.int32).reshape(lead + (-1, 1))
-        pos = inputs * geo.cols + col[..., None, :]  # (..., n_in, inner)
+        coded = self._coded_position(geo)[col] if geo.hc else col
+        pos = inputs * geo.cols + coded[..., None, :]  # (..., n_in, inner)
         z = table[states_at(self.codes, pos, geo, L, k)]  # (..., n_in, inner)
         z = z * (scale[col][..., None, :] if scale.shape[0] > 1 else scale[0])
         if self.seed is not None:
@@ -593,7 +657,7 @@ class VQArray(LeafBase):
         """JSON-able static metadata (enough to rebuild the VQArray from its arrays)."""
         return {"shape": list(self.value_shape), "dtype": self.dtype, "bits": self.bits,
                 "state_bits": self.state_bits, "block": self.block,
-                "input_axis": self.input_axis, "boost_rows": self.boost_rows}
+                "input_axis": self.input_axis, "boost_cols": self.boost_cols}
 
     @classmethod
     def from_arrays(cls, arrays: dict, metadata: dict) -> "VQArray":
@@ -607,7 +671,10 @@ class VQArray(LeafBase):
                     dtype=str(metadata["dtype"]), bits=int(metadata["bits"]),
                     state_bits=int(metadata["state_bits"]), block=int(metadata["block"]),
                     input_axis=None if axis is None else int(axis),
-                    boost_rows=int(metadata.get("boost_rows", 0)))
+                    boost_cols=int(metadata.get("boost_cols", 0)))
+            if int(metadata.get("boost_rows", 0)):
+                raise ValueError("boost_rows (row-boosted codes, written by an earlier distq) "
+                                 "is no longer read; quantise the array again")
             jnp.dtype(q.dtype)
             q.validate()
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -623,18 +690,23 @@ class VQArray(LeafBase):
         if spec.problem(shape):
             raise ValueError(f"VQArray shape {shape} does not fit its trellis: "
                              f"{spec.problem(shape)}")
-        if not 0 <= self.boost_rows <= (0 if self.input_axis is None else
-                                        shape[self.input_axis]):
-            raise ValueError(f"VQArray.boost_rows={self.boost_rows} does not fit shape {shape}")
+        n_in = 1 if self.input_axis is None else shape[self.input_axis]
+        if not 0 <= self.boost_cols <= (0 if self.input_axis is None else
+                                        math.prod(shape) // n_in):
+            raise ValueError(f"VQArray.boost_cols={self.boost_cols} does not fit shape {shape}")
         geo = self.geometry
-        if geo.hi != self.boost_rows:
-            raise ValueError(f"VQArray.boost_rows={self.boost_rows}: its rows are too short to "
-                             "be coded alone")
+        if geo.hc != self.boost_cols:
+            raise ValueError(f"VQArray.boost_cols={self.boost_cols}: no trellis layout codes "
+                             f"that many channels apart for shape {shape}")
         words = geo.nwords(self.bits)
         if tuple(self.codes.shape[nb:]) != (words,):
             raise ValueError(f"VQArray.codes has {self.codes.shape[nb:]} words; shape {shape} "
                              f"at {self.bits} bits needs {words}")
-        n_in = 1 if self.input_axis is None else shape[self.input_axis]
+        if geo.hc and _checks.is_concrete(self.codes) and not nb:
+            mask = np.asarray(bitpack.unpack(self.codes[-_mask_words(geo.cols):], 1, geo.cols))
+            if int(mask.sum()) != geo.hc:
+                raise ValueError(f"VQArray boost mask marks {int(mask.sum())} channels; "
+                                 f"boost_cols={geo.hc}")
         ns = tuple(self.scale.shape[nb:])
         if ns not in ((1,), (math.prod(shape) // n_in,)) or self.scale.shape[:nb] != \
                 self.codes.shape[:nb]:
@@ -672,26 +744,22 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
     if rotates(spec):
         hr = hadamard.rotate_gram(hr, seed)
     per_channel = spec.scales == "channel"
-    s0 = _rms(z, per_channel)
+    s0 = s_orig = _rms(z, per_channel)
     u_fac = nx.hinv_upper(hr.astype(jnp.float32), damp)
-    group_geo = geo._replace(n_in=group, rows=group, hi=0)
+    group_geo = geo._replace(n_in=group, rows=group)
     table = jnp.asarray(code_table(L))
-    n_lo = n - geo.hi  # inputs from n_lo on are coded with k + 1 bits
+    mask = None
+    if geo.hc:  # work in the coded column order (boosted columns last)
+        mask = _boost_mask(z, geo.hc)
+        pos = _coded_position(mask)
+        z = _to_coded(z, pos)
+        if per_channel:
+            s0 = _to_coded(s0[None, :], pos)[0]
 
-    def code(u, hi):  # a group's symbols and reconstruction, at k or k + 1 bits per row
-        def at(bits):
-            sym = encode(u, group_geo, L, bits)
-            return sym, table[states(sym, group_geo, L, bits)]
+    def code(u):  # a group's symbols and reconstruction
+        sym = encode(u, group_geo, L, k)
+        return sym, table[states(sym, group_geo, L, k)]
 
-        if not geo.hi:
-            return at(k)
-
-        def mixed(_):
-            (s0_, r0), (s1, r1) = at(k), at(k + 1)
-            return (jnp.where(hi[:, None], s1, s0_), jnp.where(hi[:, None], r1, r0))
-
-        which = jnp.where(jnp.all(hi), 1, jnp.where(jnp.any(hi), 2, 0))
-        return jax.lax.switch(which, [lambda _: at(k), lambda _: at(k + 1), mixed], None)
     nblk = -(-n // block)
     pad = nblk * block - n
     w = jnp.pad(z, ((0, pad), (0, 0)))
@@ -705,7 +773,7 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
 
         def group_step(wb, j):  # inputs j .. j + group - 1, coded together
             target = jax.lax.dynamic_slice(wb, (j, 0), (group, cols))
-            sym, rec = code(target / s0[None, :], start + j + jnp.arange(group) >= n_lo)
+            sym, rec = code(target / s0[None, :])
             resid = target - rec * s0[None, :]
             # their error seen through the factor: E = U_gg^-T (W_g - Q_g) (GPTQ's err / U_jj)
             err = jax.scipy.linalg.solve_triangular(
@@ -725,11 +793,13 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
     _, sym = jax.lax.scan(block_step, w, jnp.arange(nblk))
     symbols = sym.reshape(nblk * block, cols)[:n]
     c = table[states(symbols, geo, L, k)]
+    if geo.hc:  # back to the original order
+        c, z = c[:, pos], prep.z
     # the scales that are optimal for these codes under the output error tr(E H E^T)
     hc = jnp.matmul(hr.astype(jnp.float32), c, precision=jax.lax.Precision.HIGHEST)
     num, den = _channel_sums(z * hc, per_channel), _channel_sums(c * hc, per_channel)
-    s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), s0)
-    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed)
+    s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), s_orig)
+    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed, mask)
 
 
 _ldlq_jit = jax.jit(_ldlq_impl, static_argnums=(2, 3, 5, 6))
