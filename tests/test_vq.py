@@ -287,6 +287,10 @@ def test_spec_validation_text_form_and_problems():
     with pytest.raises(ValueError, match="cannot take"):
         distq.quantize(np.ones(3, np.float32), distq.VQ(bits=2))
     assert default_state_bits(2) == 12
+    # a weight gets the longer trellis, a plain array the faster one; an explicit L stays
+    assert distq.VQ(bits=3).resolve((64, 64), "weight").state_bits == 14
+    assert distq.VQ(bits=3).resolve((4096,)).state_bits == 12
+    assert distq.VQ(bits=3, state_bits=11).resolve((64, 64), "weight").state_bits == 11
     assert distq.VQ(bits=1).resolve((64, 64), "weight").input_axis == 1
     assert distq.VQ(bits=1).resolve((64, 64), "kernel").input_axis == 0
     assert distq.VQ(bits=1).resolve((64, 64)).input_axis is None
