@@ -219,9 +219,10 @@ def main() -> None:
             mse, bits, sec = run_distq(x, distq.VQ(bits=k), key)
             add("VQ", k, mse, bits, seconds=sec)
             if name != "gaussian":
-                # VQ rotates on its own (along input_axis), one scale for the whole array
-                rvq = distq.VQ(bits=k, input_axis=1, scales="tensor", input_scales=None,
-                               boost=0.0)
+                # VQ rotates on its own (along input_axis), one scale for the whole array, and
+                # the plain array's trellis (L = 12): the two VQ rows differ by the rotation only
+                rvq = distq.VQ(bits=k, state_bits=12, input_axis=1, scales="tensor",
+                               input_scales=None, boost=0.0)
                 mse, bits, sec = run_distq(mat, rvq, key)
                 add("Rotated VQ", k, mse, bits, seconds=sec)
         results["sources"][name] = {"h_bits": entropy_bits(name), "rows": rows}
