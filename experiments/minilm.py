@@ -122,8 +122,7 @@ ROWS = [
      every_matrix(distq.Rotated(distq.Scalar(bits=3, axis=1, outliers=None))), True),
     # trellis-coded VQ (default for a weight: input-channel scales, rotated inputs,
     # output-channel scales, the largest output channels at k + 1 bits up to k + 1/4 bits per
-    # weight);
-    # calibrated: LDLQ through the trellis
+    # weight); calibrated: LDLQ through the trellis
     ("VQ(bits=4) (trellis)", every_matrix(distq.VQ(bits=4)), False),
     ("VQ(bits=3) (trellis)", every_matrix(distq.VQ(bits=3)), False),
     ("VQ(bits=2) (trellis)", every_matrix(distq.VQ(bits=2)), False),

@@ -22,12 +22,12 @@ CODE_BUDGET = 0.25  # bits per weight beyond `bits` that the automatic boost may
 _SCALE_DTYPES = ("float32", "float16", "bfloat16")
 MAX_BITS = 4  # bits per value the trellis supports (2**bits branches per state)
 MAX_STATE_BITS = 16
-WEIGHT_STATE_BITS = 14  # the automatic state length for a model weight (see VQ.resolve)
+WEIGHT_STATE_BITS = 14  # the automatic state length for a model weight
 
 
-def default_state_bits(bits: int) -> int:
-    """The trellis' state bits ``L`` used when ``state_bits=None`` for a plain array: 12 for
-    every width (a weight gets ``WEIGHT_STATE_BITS = 14``, see :meth:`VQ.resolve`).
+def default_state_bits(bits: int, weight: bool = False) -> int:
+    """The trellis' state bits ``L`` used when ``state_bits=None``: 12 for a plain array,
+    ``WEIGHT_STATE_BITS = 14`` for a weight (an ``input_axis``), whatever the width.
 
     Viterbi encoding costs about ``2**L`` operations per value whatever ``bits`` is, so one ``L``
     fits one time budget; 12 puts a Gaussian source within 0.5 / 0.75 / 1.0 / 1.35 dB of the
@@ -35,7 +35,7 @@ def default_state_bits(bits: int) -> int:
     bits for about 4x the time (2.4 against 10 µs per value on 2 CPU cores).
     """
     del bits
-    return 12
+    return WEIGHT_STATE_BITS if weight else 12
 
 
 def symbols_per_state(bits: int, state_bits: int) -> int:
@@ -80,7 +80,7 @@ class VQ:
       state_bits: the trellis' state length ``L`` (``2 * bits`` to 16); encoding costs about
         ``2**L`` operations per value. ``None``: 14 for a weight (``input_axis`` set), where
         a better code is worth 4x the encoding time (MiniLM, every matrix at 3 bits: cosine
-        0.951 against 0.947 at 12), else :func:`default_state_bits` (12).
+        0.951 against 0.947 at 12), else 12 (:func:`default_state_bits`).
       block: target values per trellis block (blocks tile each coded row in near-equal lengths);
         longer blocks lose less to the tail-biting constraint, shorter ones vectorise better.
       input_axis: the weight's input (contracted) axis, rotated and never scaled; the sequences
@@ -201,7 +201,7 @@ class VQ:
             if role is not None and ndim >= 2 and size > 0:
                 axis = INPUT_AXIS[role](ndim) if role in INPUT_AXIS else ndim - 1
         weight = axis is not None and -ndim <= axis < ndim and size > 0
-        L = self.L if self.state_bits is not None or not weight else WEIGHT_STATE_BITS
+        L = default_state_bits(self.bits, weight) if self.state_bits is None else self.state_bits
         dt = 16 if self.scale_dtype in (AUTO, "bfloat16", "float16") else 32
         budget = self.bits / 16 * size - 32 * (1 + self.rotate)  # bits beyond: seed, last word
         scales = self.scales
@@ -222,8 +222,7 @@ class VQ:
         if boost == AUTO:
             boost = 0.0
             cols = size // shape[axis] if weight else 0
-            if (weight and L >= 2 * (self.bits + 1) and self.bits < MAX_BITS + 1
-                    and cols >= min_block(self.bits, L)):
+            if weight and L >= 2 * (self.bits + 1) and cols >= min_block(self.bits, L):
                 budget += max(0.0, CODE_BUDGET - self.bits / 16) * size  # codes: to k + 1/4
                 # each boosted channel costs an input axis' bits; the mask and a last word
                 hc = int(max(budget - 32 - 32 * -(-cols // 32), 0) // shape[axis])

@@ -217,14 +217,14 @@ class Geometry(NamedTuple):
     def nwords(self, bits: int) -> int:
         """uint32 words of all the codes (and of the boost mask)."""
         return sum(bitpack.packed_nwords(g.rows * g.width, b) for _, g, b, _ in
-                   self.streams(bits)) + (_mask_words(self.cols) if self.hc else 0)
+                   self.streams(bits)) + (bitpack.packed_nwords(self.cols, 1) if self.hc else 0)
 
 
 def _split(rows: int, width: int, block: int) -> Geometry:
     """One stream's geometry: ``rows`` rows of ``width`` values in near-equal blocks of about
     ``block`` values and no fewer (a block of the whole arrangement, so long enough for the
     trellis)."""
-    nb = max(1, min(int(width / block + 0.5), width // block))
+    nb = max(1, width // block)
     return Geometry(rows, width, rows, width, nb, width // nb, width % nb)
 
 
@@ -406,39 +406,46 @@ def _rms(z: jax.Array, per_channel: bool) -> jax.Array:
     return jnp.where(s > 0, s, 1.0)
 
 
-def _boost_mask(z: jax.Array, hc: int) -> jax.Array:
-    """The ``hc`` columns of ``z`` of largest root-mean-square (bool ``(cols,)``), the ones a
-    squared-error bit allocation gives the extra bit."""
-    top = jax.lax.top_k(jnp.sum(z * z, axis=0), hc)[1]
-    return jnp.zeros(z.shape[1], bool).at[top].set(True)
+class _Order(NamedTuple):
+    """The coded column order of an arrangement: the unboosted columns first, then the boosted
+    ones (``mask``), each in their original order; ``pos[j]`` is column ``j``'s coded place.
+    Both are ``None`` when nothing is boosted (the order is the identity)."""
 
+    mask: jax.Array | None = None
+    pos: jax.Array | None = None
 
-def _coded_position(mask: jax.Array) -> jax.Array:
-    """Where each column sits in the coded order (int32 ``(cols,)``): the unboosted columns
-    first, then the boosted ones, each in their original order."""
-    m = mask.astype(jnp.int32)
-    before = jnp.cumsum(m) - m  # boosted columns before each column
-    idx = jnp.arange(m.shape[0], dtype=jnp.int32)
-    return jnp.where(mask, m.shape[0] - jnp.sum(m) + before, idx - before)
+    @classmethod
+    def from_mask(cls, mask: jax.Array) -> "_Order":
+        m = mask.astype(jnp.int32)
+        before = jnp.cumsum(m) - m  # boosted columns before each column
+        idx = jnp.arange(m.shape[0], dtype=jnp.int32)
+        return cls(mask, jnp.where(mask, m.shape[0] - jnp.sum(m) + before, idx - before))
 
+    @classmethod
+    def largest(cls, z: jax.Array, hc: int) -> "_Order":
+        """The order that boosts the ``hc`` columns of ``z`` of largest root-mean-square (those
+        a squared-error bit allocation gives the extra bit)."""
+        if not hc:
+            return cls()
+        top = jax.lax.top_k(jnp.sum(z * z, axis=0), hc)[1]
+        return cls.from_mask(jnp.zeros(z.shape[1], bool).at[top].set(True))
 
-def _to_coded(z: jax.Array, pos: jax.Array) -> jax.Array:
-    """``z``'s columns in the coded order (``pos`` from :func:`_coded_position`)."""
-    return jnp.zeros_like(z).at[:, pos].set(z)
+    def coded(self, a: jax.Array) -> jax.Array:
+        """``a``'s last axis (one entry per column) in the coded order."""
+        return a if self.pos is None else jnp.zeros_like(a).at[..., self.pos].set(a)
 
-
-def _mask_words(cols: int) -> int:
-    """uint32 words of a boost mask of ``cols`` bits."""
-    return -(-cols // 32)
+    def original(self, a: jax.Array) -> jax.Array:
+        """Inverse of :meth:`coded`."""
+        return a if self.pos is None else a[..., self.pos]
 
 
 def _finish(x_shape, dtype, spec, geo, symbols, scale_unit, prep: _Prepared, seed,
-            mask=None) -> "VQArray":
+            order: _Order) -> "VQArray":
     scale = jnp.ldexp(scale_unit, prep.e)
     scale = jnp.where(prep.bad, jnp.float32(jnp.nan), scale).astype(spec.scale_dtype)
     codes = pack_symbols(symbols, geo, spec.bits)
     if geo.hc:
-        codes = jnp.concatenate([codes, bitpack.pack(mask.astype(jnp.uint32), 1)])
+        codes = jnp.concatenate([codes, bitpack.pack(order.mask.astype(jnp.uint32), 1)])
     return VQArray(
         codes=codes,
         scale=scale,
@@ -456,19 +463,13 @@ def _quantize_impl(x: jax.Array, spec: VQ, key: jax.Array | None) -> "VQArray":
     per_channel = spec.scales == "channel"
     s0 = _rms(z, per_channel)
     L, k = spec.L, spec.bits
-    u = z / s0[None, :]
-    mask = None
-    if geo.hc:
-        mask = _boost_mask(z, geo.hc)
-        pos = _coded_position(mask)
-        u = _to_coded(u, pos)
-    symbols = encode(u.reshape(geo.rows, geo.width), geo, L, k)
-    c = jnp.asarray(code_table(L))[states(symbols, geo, L, k)].reshape(z.shape)
-    if geo.hc:
-        c = c[:, pos]
+    order = _Order.largest(z, geo.hc)
+    u = order.coded(z / s0[None, :]).reshape(geo.rows, geo.width)
+    symbols = encode(u, geo, L, k)
+    c = order.original(jnp.asarray(code_table(L))[states(symbols, geo, L, k)].reshape(z.shape))
     # the scale that is optimal for these codes (least squares)
     s = _channel_sums(z * c, per_channel) / _channel_sums(c * c, per_channel)
-    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed, mask)
+    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed, order)
 
 
 _quantize_jit = jax.jit(_quantize_impl, static_argnums=1)
@@ -587,10 +588,14 @@ class VQArray(LeafBase):
     def _scale_f32(self) -> jax.Array:
         return self.scale.astype(jnp.float32)
 
-    def _coded_position(self, geo: Geometry) -> jax.Array:
-        """Each output channel's column in the coded order (from the stored boost mask)."""
-        mask = bitpack.unpack(self.codes[-_mask_words(geo.cols):], 1, geo.cols)
-        return _coded_position(mask.astype(bool))
+    def _order(self, geo: Geometry) -> _Order:
+        """The coded column order, from the boost mask stored after the codes."""
+        if not geo.hc:
+            return _Order()
+        return _Order.from_mask(self._mask(geo).astype(bool))
+
+    def _mask(self, geo: Geometry) -> jax.Array:
+        return bitpack.unpack(self.codes[-bitpack.packed_nwords(geo.cols, 1):], 1, geo.cols)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Decodes to a dense array of the original shape and dtype (or ``dtype``)."""
@@ -598,9 +603,7 @@ class VQArray(LeafBase):
             return self._unbatched(lambda q: q.dequantize(dtype))
         geo, L, k = self.geometry, self.state_bits, self.bits
         st = states(unpack_symbols(self.codes, geo, k), geo, L, k)
-        z = jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols)
-        if geo.hc:
-            z = z[:, self._coded_position(geo)]
+        z = self._order(geo).original(jnp.asarray(code_table(L))[st].reshape(geo.n_in, geo.cols))
         z = z * self._scale_f32()[None, :]
         if self.seed is not None:
             z = hadamard.unrotate(z, self.seed, axis=0)
@@ -636,7 +639,8 @@ class VQArray(LeafBase):
         inner = math.prod(rest)
         col = r[..., None] * inner + jnp.arange(inner, dtype=jnp.int32).reshape(lead + (-1,))
         inputs = jnp.arange(geo.n_in, dtype=jnp.int32).reshape(lead + (-1, 1))
-        coded = self._coded_position(geo)[col] if geo.hc else col
+        pos = self._order(geo).pos
+        coded = col if pos is None else pos[col]
         pos = inputs * geo.cols + coded[..., None, :]  # (..., n_in, inner)
         z = table[states_at(self.codes, pos, geo, L, k)]  # (..., n_in, inner)
         z = z * (scale[col][..., None, :] if scale.shape[0] > 1 else scale[0])
@@ -705,7 +709,7 @@ class VQArray(LeafBase):
             raise ValueError(f"VQArray.codes has {self.codes.shape[nb:]} words; shape {shape} "
                              f"at {self.bits} bits needs {words}")
         if geo.hc and _checks.is_concrete(self.codes) and not nb:
-            mask = np.asarray(bitpack.unpack(self.codes[-_mask_words(geo.cols):], 1, geo.cols))
+            mask = np.asarray(self._mask(geo))
             if int(mask.sum()) != geo.hc:
                 raise ValueError(f"VQArray boost mask marks {int(mask.sum())} channels; "
                                  f"boost_cols={geo.hc}")
@@ -746,17 +750,12 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
     if rotates(spec):
         hr = hadamard.rotate_gram(hr, seed)
     per_channel = spec.scales == "channel"
-    s0 = s_orig = _rms(z, per_channel)
+    s0 = _rms(z, per_channel)
     u_fac = nx.hinv_upper(hr.astype(jnp.float32), damp)
     group_geo = geo._replace(n_in=group, rows=group)
     table = jnp.asarray(code_table(L))
-    mask = None
-    if geo.hc:  # work in the coded column order (boosted columns last)
-        mask = _boost_mask(z, geo.hc)
-        pos = _coded_position(mask)
-        z = _to_coded(z, pos)
-        if per_channel:
-            s0 = _to_coded(s0[None, :], pos)[0]
+    order = _Order.largest(z, geo.hc)  # rounding runs in the coded column order
+    s0c = order.coded(s0) if per_channel else s0
 
     def code(u):  # a group's symbols and reconstruction
         sym = encode(u, group_geo, L, k)
@@ -764,7 +763,7 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
 
     nblk = -(-n // block)
     pad = nblk * block - n
-    w = jnp.pad(z, ((0, pad), (0, 0)))
+    w = jnp.pad(order.coded(z), ((0, pad), (0, 0)))
     u_fac = jnp.pad(u_fac, ((0, pad), (0, pad))) + jnp.diag(
         jnp.concatenate([jnp.zeros(n), jnp.ones(pad)]))
 
@@ -775,8 +774,8 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
 
         def group_step(wb, j):  # inputs j .. j + group - 1, coded together
             target = jax.lax.dynamic_slice(wb, (j, 0), (group, cols))
-            sym, rec = code(target / s0[None, :])
-            resid = target - rec * s0[None, :]
+            sym, rec = code(target / s0c[None, :])
+            resid = target - rec * s0c[None, :]
             # their error seen through the factor: E = U_gg^-T (W_g - Q_g) (GPTQ's err / U_jj)
             err = jax.scipy.linalg.solve_triangular(
                 jax.lax.dynamic_slice(ub, (j, j), (group, group)), resid, trans=1, lower=False)
@@ -794,14 +793,12 @@ def _ldlq_impl(x, h, spec: VQ, damp: float, key, block: int, group: int):
 
     _, sym = jax.lax.scan(block_step, w, jnp.arange(nblk))
     symbols = sym.reshape(nblk * block, cols)[:n]
-    c = table[states(symbols, geo, L, k)]
-    if geo.hc:  # back to the original order
-        c, z = c[:, pos], prep.z
+    c = order.original(table[states(symbols, geo, L, k)])
     # the scales that are optimal for these codes under the output error tr(E H E^T)
     hc = jnp.matmul(hr.astype(jnp.float32), c, precision=jax.lax.Precision.HIGHEST)
     num, den = _channel_sums(z * hc, per_channel), _channel_sums(c * hc, per_channel)
-    s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), s_orig)
-    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed, mask)
+    s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), s0)
+    return _finish(x.shape, str(x.dtype), spec, geo, symbols, s, prep, seed, order)
 
 
 _ldlq_jit = jax.jit(_ldlq_impl, static_argnums=(2, 3, 5, 6))
